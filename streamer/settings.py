@@ -31,6 +31,9 @@ class Settings:
 
     # STREAMER_KAFKA_BOOTSTRAP: "host:port[,host:port]"; empty starts the embedded broker.
     kafka_bootstrap: str | None = None
+    # STREAMER_EMBEDDED_BROKER: the bootstrap is the embedded Tansu broker; turns on its
+    # workarounds (short group timeouts). Set by the commands that start it.
+    embedded_broker: bool = False
     topics: Topics = field(default_factory=Topics)
     # STREAMER_PARTITIONS: partitions of the topics streamer creates.
     partitions: int = 4

@@ -1,0 +1,30 @@
+# The two entry points of the README: `make demo` and `make test`.
+# Both create .venv on first use; torch is pinned to the CPU wheel (an unpinned torch
+# pulls a multi-GB CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[embedded,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/streamer demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_updater.py
+	$(PY) benchmarks/bench_inference.py
+
+clean:
+	rm -rf $(VENV) streamer-demo streamer-data .pytest_cache

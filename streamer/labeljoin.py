@@ -1,0 +1,244 @@
+"""Join delayed fraud labels with the features and scores computed at transaction time.
+
+A transaction waits in the join until its label arrives or the label deadline passes (in
+event time, measured by the watermark: the newest event time seen). A label that arrives
+before its transaction (the two topics are consumed independently) is held until the
+transaction comes or the deadline passes. Transaction ids already joined are remembered in
+a bounded window, so a replayed transaction or a repeated label is never trained on twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+_COLUMNS = {
+    "transaction_id": np.int64,
+    "event_time_ms": np.int64,
+    "customer_id": np.int64,
+    "terminal_id": np.int64,
+    "live_score": np.float32,
+    "source_score": np.float32,
+    "model_version": np.int32,
+}
+
+
+@dataclass
+class Joined:
+    """Examples leaving the join: columns of equal length, plus the features and the label."""
+
+    columns: dict[str, np.ndarray]
+    features: np.ndarray  # float32 (n, n_features)
+    label: np.ndarray  # int8
+    expired: bool = False  # True for examples whose label deadline passed
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+@dataclass
+class JoinCounts:
+    """What happened to the events of one call, for metrics and logs."""
+
+    joined: int = 0
+    early_labels: int = 0  # labels held because their transaction has not been seen yet
+    duplicate_labels: int = 0  # same label again for a joined transaction
+    conflicting_labels: int = 0  # a different label for a transaction already joined
+    duplicate_transactions: int = 0
+    expired: int = 0
+    expired_dropped: int = 0
+    orphan_labels: int = 0  # early labels whose transaction never came before the deadline
+    conflicting_transaction_ids: list[int] = field(default_factory=list)
+
+
+class LabelJoin:
+    """Pending transactions in slot arrays, indexed by a dict from transaction id to slot."""
+
+    def __init__(
+        self,
+        n_features: int,
+        *,
+        deadline_days: float = 14.0,
+        policy: str = "genuine",
+        joined_memory: int = 500_000,
+        initial_capacity: int = 1 << 16,
+    ) -> None:
+        if policy not in ("genuine", "drop"):
+            raise ValueError(f"label deadline policy must be 'genuine' or 'drop', got {policy!r}")
+        self.n_features = n_features
+        self.deadline_ms = int(deadline_days * DAY_MS)
+        self.policy = policy
+        self.joined_memory = joined_memory
+        self._slot_of: dict[int, int] = {}
+        self._free: list[int] = []
+        self._joined: OrderedDict[int, int] = OrderedDict()  # transaction id -> label
+        self._early: dict[int, tuple[int, int]] = {}  # transaction id -> (label, label time ms)
+        self._capacity = 0
+        self._cols: dict[str, np.ndarray] = {}
+        self._features = np.zeros((0, n_features), dtype=np.float32)
+        self._active = np.zeros(0, dtype=bool)
+        self._grow(initial_capacity)
+
+    @property
+    def pending(self) -> int:
+        return len(self._slot_of)
+
+    @property
+    def pending_early_labels(self) -> int:
+        return len(self._early)
+
+    def _grow(self, capacity: int) -> None:
+        old = self._capacity
+        for name, dtype in _COLUMNS.items():
+            grown = np.zeros(capacity, dtype=dtype)
+            if old:
+                grown[:old] = self._cols[name]
+            self._cols[name] = grown
+        features = np.zeros((capacity, self.n_features), dtype=np.float32)
+        features[:old] = self._features
+        self._features = features
+        active = np.zeros(capacity, dtype=bool)
+        active[:old] = self._active
+        self._active = active
+        self._free.extend(range(capacity - 1, old - 1, -1))
+        self._capacity = capacity
+
+    def add_transactions(self, columns: dict[str, np.ndarray], features: np.ndarray) -> tuple[Joined, JoinCounts]:
+        """Store transactions until their labels come; join at once those whose label came first."""
+        counts = JoinCounts()
+        ids = columns["transaction_id"].tolist()
+        keep, early_rows, early_labels = [], [], []
+        slot_of, joined, early = self._slot_of, self._joined, self._early
+        for i, tx_id in enumerate(ids):
+            if tx_id in slot_of or tx_id in joined:
+                counts.duplicate_transactions += 1
+                continue
+            if early and tx_id in early:
+                label, _ = early.pop(tx_id)
+                early_rows.append(i)
+                early_labels.append(label)
+                self._remember(tx_id, label)
+                continue
+            if not self._free:
+                self._grow(max(1, self._capacity * 2))
+            slot = self._free.pop()
+            slot_of[tx_id] = slot
+            keep.append((i, slot))
+        if keep:
+            rows = np.fromiter((i for i, _ in keep), dtype=np.int64, count=len(keep))
+            slots = np.fromiter((s for _, s in keep), dtype=np.int64, count=len(keep))
+            for name in _COLUMNS:
+                self._cols[name][slots] = columns[name][rows]
+            self._features[slots] = features[rows]
+            self._active[slots] = True
+        rows = np.asarray(early_rows, dtype=np.int64)
+        result = Joined(
+            {name: np.asarray(columns[name][rows], dtype=dtype) for name, dtype in _COLUMNS.items()},
+            np.asarray(features[rows], dtype=np.float32).reshape(-1, self.n_features),
+            np.asarray(early_labels, dtype=np.int8),
+        )
+        counts.joined = len(result)
+        return result, counts
+
+    def add_labels(self, transaction_id: np.ndarray, label: np.ndarray, label_time_ms: np.ndarray) -> tuple[Joined, JoinCounts]:
+        """Join labels with pending transactions; hold the early ones; count the repeated ones."""
+        counts = JoinCounts()
+        taken_slots, taken_labels = [], []
+        slot_of, joined = self._slot_of, self._joined
+        for tx_id, value, when in zip(transaction_id.tolist(), label.tolist(), label_time_ms.tolist()):
+            slot = slot_of.pop(tx_id, None)
+            if slot is not None:
+                taken_slots.append(slot)
+                taken_labels.append(value)
+                self._remember(tx_id, value)
+                continue
+            previous = joined.get(tx_id)
+            if previous is None:
+                previous = self._early.get(tx_id, (None, 0))[0]
+            if previous is None:
+                self._early[tx_id] = (value, when)
+                counts.early_labels += 1
+            elif previous == value:
+                counts.duplicate_labels += 1
+            else:
+                counts.conflicting_labels += 1
+                counts.conflicting_transaction_ids.append(tx_id)
+        result = self._take(np.asarray(taken_slots, dtype=np.int64), np.asarray(taken_labels, dtype=np.int8))
+        counts.joined = len(result)
+        return result, counts
+
+    def expire(self, watermark_ms: int) -> tuple[Joined, JoinCounts]:
+        """Release transactions whose label is overdue at ``watermark_ms``, per the deadline policy."""
+        counts = JoinCounts()
+        cutoff = watermark_ms - self.deadline_ms
+        overdue = np.flatnonzero(self._active & (self._cols["event_time_ms"] < cutoff))
+        # Slot order depends on which slots were freed before, and differs after a restore, so
+        # release in event-time order (ties by transaction id): a resumed run then trains on the
+        # same micro-batches as an uninterrupted one.
+        order = np.lexsort((self._cols["transaction_id"][overdue], self._cols["event_time_ms"][overdue]))
+        overdue = overdue[order]
+        for tx_id in self._cols["transaction_id"][overdue].tolist():
+            del self._slot_of[tx_id]
+            self._remember(tx_id, 0)
+        labels = np.zeros(len(overdue), dtype=np.int8)
+        result = self._take(overdue, labels)
+        result.expired = True
+        counts.expired = len(result)
+        if self.policy == "drop":
+            counts.expired_dropped = len(result)
+            result = self._take(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int8))
+            result.expired = True
+        stale = [tx for tx, (_, when) in self._early.items() if when < cutoff]
+        for tx_id in stale:
+            del self._early[tx_id]
+        counts.orphan_labels = len(stale)
+        if counts.expired or stale:
+            logger.info(
+                "label deadline passed expired=%d policy=%s orphan_labels=%d watermark_ms=%d",
+                counts.expired, self.policy, len(stale), watermark_ms,
+            )
+        return result, counts
+
+    def _take(self, slots: np.ndarray, labels: np.ndarray) -> Joined:
+        columns = {name: self._cols[name][slots].copy() for name in _COLUMNS}
+        features = self._features[slots].copy()
+        self._active[slots] = False
+        self._free.extend(slots.tolist())
+        return Joined(columns, features, labels)
+
+    def _remember(self, tx_id: int, label: int) -> None:
+        self._joined[tx_id] = label
+        if len(self._joined) > self.joined_memory:
+            self._joined.popitem(last=False)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Flat numpy arrays of the whole join state, for the updater checkpoint."""
+        slots = np.flatnonzero(self._active)
+        state = {f"pending_{name}": self._cols[name][slots].copy() for name in _COLUMNS}
+        state["pending_features"] = self._features[slots].copy()
+        state["joined_transaction_id"] = np.fromiter(self._joined.keys(), dtype=np.int64, count=len(self._joined))
+        state["joined_label"] = np.fromiter(self._joined.values(), dtype=np.int8, count=len(self._joined))
+        early = list(self._early.items())
+        state["early_transaction_id"] = np.asarray([tx for tx, _ in early], dtype=np.int64)
+        state["early_label"] = np.asarray([v[0] for _, v in early], dtype=np.int8)
+        state["early_time_ms"] = np.asarray([v[1] for _, v in early], dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the join state with one from `state_dict` (the join must be empty)."""
+        if self._slot_of or self._joined or self._early:
+            raise RuntimeError("load_state_dict needs an empty LabelJoin")
+        columns = {name: state[f"pending_{name}"] for name in _COLUMNS}
+        self.add_transactions(columns, state["pending_features"])
+        for tx_id, label in zip(state["joined_transaction_id"].tolist(), state["joined_label"].tolist()):
+            self._remember(tx_id, label)
+        for tx_id, label, when in zip(
+            state["early_transaction_id"].tolist(), state["early_label"].tolist(), state["early_time_ms"].tolist()
+        ):
+            self._early[tx_id] = (label, when)

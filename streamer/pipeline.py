@@ -1,0 +1,320 @@
+"""The updater's per-batch processing: decode, features, label join, prequential scoring, training.
+
+`UpdaterPipeline` is synchronous and knows nothing about Kafka beyond record fields, so it
+runs in one worker thread (keeping the event loop free) and in benchmarks and tests
+without a broker. Every method is called from that one thread.
+
+Order inside a batch: labels first (they join older transactions and update the terminal
+fraud counts), then transactions in event-time order (features, then scores of the live
+and the frozen source model, then into the join). See `streamer.features` for why labels
+go first.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointData
+from .deadletter import DeadLetter, dead_letter_from
+from .evaluation import PrequentialLog, RollingPrequential
+from .events import decode_labels, decode_transactions
+from .features import FEATURE_NAMES, FeatureState
+from .labeljoin import Joined, JoinCounts, LabelJoin
+from .metrics import UpdaterMetrics
+from .model import FraudMLP, ModelCheckpoint, ScoreModule
+from .settings import Settings
+from .trainer import MicroBatchTrainer, StepResult, score_with
+from .transfer import build_target
+
+logger = logging.getLogger(__name__)
+
+# Expiring overdue labels scans the whole join; once per this many event-time ms is enough.
+EXPIRE_EVERY_MS = 60_000
+
+
+@dataclass
+class BatchOutcome:
+    """What one call of `process` did; the service turns it into records, commits and exports."""
+
+    transactions: int = 0
+    labels: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    steps: list[StepResult] = field(default_factory=list)
+
+
+class UpdaterPipeline:
+    """Feature state, label join, trainer and prequential evaluation of one target model."""
+
+    def __init__(self, settings: Settings, source: ModelCheckpoint, metrics: UpdaterMetrics | None = None) -> None:
+        if list(source.feature_names) != list(FEATURE_NAMES):
+            raise ValueError(
+                f"source model features {source.feature_names} differ from this version's {list(FEATURE_NAMES)}; "
+                "re-run `streamer pretrain`"
+            )
+        self.settings = settings
+        self.metrics = metrics
+        self.source = source
+        self.source_model: FraudMLP = source.model.eval()
+        for param in self.source_model.parameters():
+            param.requires_grad_(False)
+        transfer = build_target(source.model, reset_head=settings.reset_head)
+        self.transferred = transfer.transferred
+        self.trainer = MicroBatchTrainer(
+            transfer,
+            learning_rate=settings.learning_rate,
+            l2sp_lambda=settings.l2sp_lambda,
+            freeze_updates=settings.freeze_updates,
+        )
+        self.features = FeatureState()
+        self.join = LabelJoin(len(FEATURE_NAMES), deadline_days=settings.label_deadline_days,
+                              policy=settings.label_deadline_policy)
+        self.rolling_live = RollingPrequential()
+        self.rolling_source = RollingPrequential()
+        self.log = PrequentialLog()
+        self.offsets: dict[str, dict[int, int]] = {}
+        self.watermark_ms = 0
+        self._last_expire_ms = 0
+        self._buffer_x: list[np.ndarray] = []
+        self._buffer_y: list[np.ndarray] = []
+        self._buffered = 0
+        self._buffer_since = time.monotonic()
+        self.recent_features = np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
+        self.served_version = 0  # newest exported snapshot version; recorded with each score
+        self.batches_since_export = 0
+        self.counters = {"transactions": 0, "labels": 0, "examples": 0, "microbatches": 0, "dead_letters": 0}
+
+    # -- processing ---------------------------------------------------------------------------
+
+    def process(self, records: list) -> BatchOutcome:
+        """Process consumer records (objects with topic, partition, offset, key, value) of both topics."""
+        outcome = BatchOutcome()
+        topics = self.settings.topics
+        tx_records = [r for r in records if r.topic == topics.transactions]
+        label_records = [r for r in records if r.topic == topics.labels]
+        if label_records:
+            self._process_labels(label_records, outcome)
+        if tx_records:
+            self._process_transactions(tx_records, outcome)
+        if self.watermark_ms - self._last_expire_ms >= EXPIRE_EVERY_MS:
+            self._expire()
+        self._train_full_batches(outcome)
+        self._advance_offsets(records)
+        self.counters["dead_letters"] += len(outcome.dead_letters)
+        if self.metrics is not None:
+            self.metrics.pending_labels.set(self.join.pending)
+        return outcome
+
+    def _process_labels(self, records: list, outcome: BatchOutcome) -> None:
+        batch = decode_labels([r.value for r in records])
+        outcome.dead_letters += [dead_letter_from(records[bad.index], bad.reason) for bad in batch.rejected]
+        outcome.labels = len(batch)
+        self.counters["labels"] += len(batch)
+        if not len(batch):
+            return
+        joined, counts = self.join.add_labels(batch.transaction_id, batch.label, batch.event_time_ms)
+        if counts.conflicting_transaction_ids:
+            position = {tx: i for i, tx in zip(batch.index.tolist(), batch.transaction_id.tolist())}
+            for tx_id in counts.conflicting_transaction_ids:
+                record = records[position[tx_id]]
+                outcome.dead_letters.append(dead_letter_from(record, "label contradicts an earlier label"))
+        self._count_join(counts)
+        self._watermark(int(batch.event_time_ms.max()))
+        self._accept_joined(joined)
+
+    def _process_transactions(self, records: list, outcome: BatchOutcome) -> None:
+        batch = decode_transactions([r.value for r in records])
+        outcome.dead_letters += [dead_letter_from(records[bad.index], bad.reason) for bad in batch.rejected]
+        outcome.transactions = len(batch)
+        self.counters["transactions"] += len(batch)
+        if not len(batch):
+            return
+        # Several partitions interleave in one poll: restore event-time order (stable, so each
+        # partition keeps its own order for equal times).
+        order = np.argsort(batch.event_time_ms, kind="stable")
+        columns = {
+            "transaction_id": batch.transaction_id[order],
+            "event_time_ms": batch.event_time_ms[order],
+            "customer_id": batch.customer_id[order],
+            "terminal_id": batch.terminal_id[order],
+        }
+        features = self.features.transform_transactions(
+            columns["event_time_ms"], columns["customer_id"], columns["terminal_id"], batch.amount[order]
+        )
+        self.recent_features = features
+        columns["live_score"] = self.trainer.score(features)
+        columns["source_score"] = score_with(self.source_model, features)
+        columns["model_version"] = np.full(len(order), self.served_version, dtype=np.int32)
+        joined, counts = self.join.add_transactions(columns, features)
+        self._count_join(counts)
+        self._watermark(int(columns["event_time_ms"][-1]))
+        self._accept_joined(joined)
+
+    def _accept_joined(self, joined: Joined) -> None:
+        """Feed joined examples to the terminal fraud counts, the evaluation and the training buffer."""
+        if not len(joined):
+            return
+        cols = joined.columns
+        self.features.observe_labels(cols["event_time_ms"], cols["terminal_id"], joined.label)
+        if not joined.expired:
+            self.rolling_live.update(joined.label, cols["live_score"])
+            self.rolling_source.update(joined.label, cols["source_score"])
+            self.log.append(
+                transaction_id=cols["transaction_id"], event_time_ms=cols["event_time_ms"],
+                customer_id=cols["customer_id"], label=joined.label, live_score=cols["live_score"],
+                source_score=cols["source_score"], model_version=cols["model_version"],
+            )
+        if self._buffered == 0:
+            self._buffer_since = time.monotonic()
+        self._buffer_x.append(joined.features)
+        self._buffer_y.append(joined.label)
+        self._buffered += len(joined)
+
+    def _count_join(self, counts: JoinCounts) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.labels_joined.inc(counts.joined)
+        if counts.expired:
+            m.labels_expired.labels(self.join.policy).inc(counts.expired)
+        for reason in ("duplicate_labels", "conflicting_labels", "orphan_labels"):
+            value = getattr(counts, reason)
+            if value:
+                m.labels_rejected.labels(reason.removesuffix("_labels")).inc(value)
+
+    def _watermark(self, event_time_ms: int) -> None:
+        if event_time_ms > self.watermark_ms:
+            self.watermark_ms = event_time_ms
+            if self._last_expire_ms == 0:
+                self._last_expire_ms = event_time_ms
+
+    def _expire(self) -> None:
+        self._last_expire_ms = self.watermark_ms
+        joined, counts = self.join.expire(self.watermark_ms)
+        self._count_join(counts)
+        self._accept_joined(joined)
+        self.features.prune(self.watermark_ms)
+
+    def _advance_offsets(self, records: list) -> None:
+        for r in records:
+            parts = self.offsets.setdefault(r.topic, {})
+            if r.offset + 1 > parts.get(r.partition, 0):
+                parts[r.partition] = r.offset + 1
+
+    # -- training -----------------------------------------------------------------------------
+
+    def _train_full_batches(self, outcome: BatchOutcome) -> None:
+        size = self.settings.microbatch_size
+        if self._buffered < size:
+            return
+        x = np.concatenate(self._buffer_x)
+        y = np.concatenate(self._buffer_y)
+        start = 0
+        while len(y) - start >= size:
+            outcome.steps.append(self._train(x[start:start + size], y[start:start + size]))
+            start += size
+        self._buffer_x, self._buffer_y = [x[start:]], [y[start:]]
+        self._buffered = len(y) - start
+        self._buffer_since = time.monotonic()
+
+    def train_if_stale(self) -> list[StepResult]:
+        """Train a partial micro-batch once it is older than the configured maximum age."""
+        if self._buffered == 0 or time.monotonic() - self._buffer_since < self.settings.microbatch_max_age_seconds:
+            return []
+        x, y = np.concatenate(self._buffer_x), np.concatenate(self._buffer_y)
+        self._buffer_x, self._buffer_y, self._buffered = [], [], 0
+        return [self._train(x, y)]
+
+    def _train(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        result = self.trainer.step(x, y)
+        self.counters["microbatches"] += 1
+        if result.applied:
+            self.counters["examples"] += result.examples
+            self.batches_since_export += 1
+        m = self.metrics
+        if m is not None:
+            m.microbatches.labels("applied" if result.applied else "skipped_nonfinite").inc()
+            m.microbatch_duration.observe(result.seconds)
+            if result.applied:
+                m.examples_trained.inc(result.examples)
+                m.training_loss.set(result.loss)
+        return result
+
+    # -- evaluation, export and checkpoint ------------------------------------------------------
+
+    def prequential_metrics(self) -> dict[str, float]:
+        values = {
+            "live_auc": self.rolling_live.auc(), "live_average_precision": self.rolling_live.average_precision(),
+            "source_auc": self.rolling_source.auc(),
+            "source_average_precision": self.rolling_source.average_precision(),
+            "judged": float(self.rolling_live.count),
+        }
+        if self.metrics is not None:
+            for model, rolling in (("live", self.rolling_live), ("source", self.rolling_source)):
+                auc, ap = rolling.auc(), rolling.average_precision()
+                if np.isfinite(auc):
+                    self.metrics.prequential_auc.labels(model).set(auc)
+                if np.isfinite(ap):
+                    self.metrics.prequential_ap.labels(model).set(ap)
+        return values
+
+    def copy_for_export(self) -> ScoreModule:
+        """A frozen copy of the live model in its serving form, safe to export from another thread."""
+        model = copy.deepcopy(self.trainer.model).eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return ScoreModule(model)
+
+    def checkpoint_data(self, extra_meta: dict) -> CheckpointData:
+        meta = {
+            "model_name": self.settings.model_name, "watermark_ms": self.watermark_ms,
+            "served_version": self.served_version, "counters": dict(self.counters),
+            "source_sha256": self.source.sha256, **extra_meta,
+        }
+        join = self.join.state_dict()
+        # Joined but not yet trained examples: their labels' offsets are already in this checkpoint.
+        join["buffer_features"] = self._buffered_features()
+        join["buffer_labels"] = self._buffered_labels()
+        return CheckpointData(
+            trainer=self.trainer.state_dict(), features=self.features.state_dict(), join=join,
+            offsets={t: dict(p) for t, p in self.offsets.items()}, meta=meta,
+        )
+
+    def _buffered_features(self) -> np.ndarray:
+        if not self._buffer_x:
+            return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
+        return np.concatenate(self._buffer_x).astype(np.float32, copy=False)
+
+    def _buffered_labels(self) -> np.ndarray:
+        return np.concatenate(self._buffer_y).astype(np.int8) if self._buffer_y else np.zeros(0, dtype=np.int8)
+
+    def restore(self, data: CheckpointData) -> None:
+        """Continue from a checkpoint: model, optimiser, features, join, offsets and counters."""
+        if data.meta.get("source_sha256") != self.source.sha256:
+            logger.warning(
+                "checkpoint was trained from source sha256=%s, now configured source sha256=%s; "
+                "continuing from the checkpoint", str(data.meta.get("source_sha256"))[:12], self.source.sha256[:12],
+            )
+        self.trainer.load_state_dict(data.trainer)
+        self.features = FeatureState.from_state_dict(data.features)
+        self.join = LabelJoin(len(FEATURE_NAMES), deadline_days=self.settings.label_deadline_days,
+                              policy=self.settings.label_deadline_policy)
+        self.join.load_state_dict(data.join)
+        self._buffer_x = [np.asarray(data.join["buffer_features"], dtype=np.float32).reshape(-1, len(FEATURE_NAMES))]
+        self._buffer_y = [np.asarray(data.join["buffer_labels"], dtype=np.int8)]
+        self._buffered = len(self._buffer_y[0])
+        self._buffer_since = time.monotonic()
+        self.offsets = {t: dict(p) for t, p in data.offsets.items()}
+        self.watermark_ms = int(data.meta.get("watermark_ms", 0))
+        self._last_expire_ms = self.watermark_ms
+        self.served_version = int(data.meta.get("served_version", 0))
+        self.counters.update(data.meta.get("counters", {}))
+
+    def set_threads(self) -> None:
+        """Limit torch to one intra-op thread in the calling thread's process (call once, in the pipeline thread)."""
+        torch.set_num_threads(1)
