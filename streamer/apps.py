@@ -23,7 +23,7 @@ from .errors import ConfigurationError
 from .inference import InferenceWorker
 from .kafka import faust_broker_settings
 from .metrics import InferenceMetrics, UpdaterMetrics, serve_metrics
-from .model import load_model_checkpoint
+from .model import load_feature_state, load_model_checkpoint
 from .settings import Settings
 from .updater import Updater
 
@@ -74,9 +74,10 @@ def create_updater_app(settings: Settings, registry: CollectorRegistry | None = 
             if settings.source_checkpoint is None:
                 raise ConfigurationError("no source model: set STREAMER_SOURCE_CHECKPOINT or --source")
             source = load_model_checkpoint(settings.source_checkpoint)
+            features = load_feature_state(settings.source_checkpoint, source)
             metrics = UpdaterMetrics(registry)
             serve_metrics(registry, settings.metrics_host, settings.updater_metrics_port)
-            self.updater = Updater(settings, source, metrics)
+            self.updater = Updater(settings, source, metrics, features)
             await self.updater.start()
             _watch(self.updater._task, self)
 
@@ -97,9 +98,13 @@ def create_inference_app(settings: Settings, registry: CollectorRegistry | None 
         worker: InferenceWorker
 
         async def on_start(self) -> None:
+            features = None
+            if settings.source_checkpoint is not None:
+                # Start from the source model's feature state, as the updater does.
+                features = load_feature_state(settings.source_checkpoint, load_model_checkpoint(settings.source_checkpoint))
             metrics = InferenceMetrics(registry)
             serve_metrics(registry, settings.metrics_host, settings.inference_metrics_port)
-            self.worker = InferenceWorker(settings, metrics)
+            self.worker = InferenceWorker(settings, metrics, initial_features=features)
             await self.worker.start()
             for task in self.worker._tasks:
                 _watch(task, self)

@@ -161,16 +161,20 @@ class CheckpointStore:
             try:
                 blob = (folder / name).read_bytes()
             except OSError as exc:
-                raise CheckpointError(f"checkpoint file {folder / name} cannot be read: {exc}") from exc
+                raise CheckpointError(
+                    f"checkpoint file {folder / name} could not be read: {exc}; to resume from an older "
+                    f"checkpoint, write its folder name into {self.directory / 'LATEST'}"
+                ) from exc
             if hashlib.sha256(blob).hexdigest() != expected:
                 raise CheckpointError(f"checkpoint file {folder / name} does not match its SHA-256; it is corrupt")
             blobs[name] = blob
+
         try:
             trainer = torch.load(io.BytesIO(blobs["trainer.pt"]), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError) as exc:
             raise CheckpointError(
                 f"checkpoint file {folder / 'trainer.pt'} failed to load with weights_only=True "
-                f"({type(exc).__name__}): it holds objects other than tensors and plain values"
+                f"({type(exc).__name__}): it contains objects other than tensors and plain values"
             ) from exc
         with np.load(io.BytesIO(blobs["features.npz"]), allow_pickle=False) as npz:
             features = {k: npz[k] for k in npz.files}

@@ -75,12 +75,15 @@ def load_transactions(paths: list[Path], start: str | None = None, end: str | No
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def stream_features(data: dict[str, np.ndarray], *, label_delay_days: float = 7.0, chunk: int = 2000) -> np.ndarray:
+def stream_features(
+    data: dict[str, np.ndarray], *, label_delay_days: float = 7.0, chunk: int = 2000
+) -> tuple[np.ndarray, FeatureState]:
     """Features of every transaction as the streaming workers compute them, labels arriving after a delay.
 
     Transactions are fed in chunks; before each chunk, the labels whose arrival time
     (transaction time + delay) is at or before the chunk's last transaction are applied,
-    which is the order the workers use (labels of a poll first).
+    which is the order the workers use (labels of a poll first). Returns the features
+    and the feature state at the end, which the workers can start from.
     """
     state = FeatureState()
     n = len(data["event_time_ms"])
@@ -99,4 +102,4 @@ def stream_features(data: dict[str, np.ndarray], *, label_delay_days: float = 7.
         out[lo:hi] = state.transform_transactions(
             data["event_time_ms"][lo:hi], data["customer_id"][lo:hi], data["terminal_id"][lo:hi], data["amount"][lo:hi]
         )
-    return out
+    return out, state

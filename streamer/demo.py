@@ -28,7 +28,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .broker.embedded import EmbeddedBroker, graceful_signals, parent_death_signal
 from .dataset import DAY_MS, day_start_ms
+from .errors import StreamerError
 from .evaluation import PrequentialLog
+from .model import ModelCheckpoint, load_model_checkpoint
 from .kafka import ensure_topics
 from .pretrain import PretrainConfig, pretrain
 from .replay import replay
@@ -54,6 +56,18 @@ class DemoConfig:
     pretrain_end: str = "2018-07-01"
     replay_start: str = "2018-07-01"
     replay_end: str = "2018-09-01"
+
+
+def _reusable_source(path: Path, config: DemoConfig) -> ModelCheckpoint | None:
+    """The source model of an earlier run, if it was trained on the same period of the same files."""
+    try:
+        checkpoint = load_model_checkpoint(path)
+    except StreamerError:
+        return None
+    meta = checkpoint.metadata
+    same_period = meta.get("training_period") == {"start": config.pretrain_start, "end": config.pretrain_end}
+    same_files = meta.get("files") == [str(p.resolve()) for p in config.data]
+    return checkpoint if same_period and same_files else None
 
 
 def _free_port() -> int:
@@ -149,9 +163,13 @@ def _run(config: DemoConfig, settings: Settings, work: Path, started: float) -> 
     print(f"[demo] pretraining the source model on {config.pretrain_start} .. {config.pretrain_end} (exclusive)",
           flush=True)
     source_path = work / "models" / "source.pt"
-    source = pretrain(PretrainConfig(
-        paths=tuple(config.data), start=config.pretrain_start, end=config.pretrain_end, output=source_path,
-    ))
+    source = _reusable_source(source_path, config)
+    if source is None:
+        source = pretrain(PretrainConfig(
+            paths=tuple(config.data), start=config.pretrain_start, end=config.pretrain_end, output=source_path,
+        ))
+    else:
+        print(f"[demo] reusing the source model in {source_path} (delete it to pretrain again)", flush=True)
     m = source.metadata["metrics"]
     print(f"[demo] source model: validation AUC {m['validation_auc']:.3f}, AP {m['validation_average_precision']:.3f}, "
           f"{m['seconds']:.0f} s", flush=True)
@@ -182,11 +200,15 @@ async def _replay_and_watch(config: DemoConfig, settings: Settings, workers: Wor
         consumed_lb = up.get(f"streamer_events_consumed_total{{topic={settings.topics.labels}}}", 0)
         scored = inf.get("streamer_scored_transactions_total", 0)
         _print_progress(time.monotonic() - began, consumed_tx, consumed_lb, scored, up, inf)
-        if (consumed_tx, consumed_lb, scored) != last_seen:
-            last_seen, last_progress = (consumed_tx, consumed_lb, scored), time.monotonic()
+        seen = (consumed_tx, consumed_lb, scored, up.get("streamer_labels_joined_total", 0))
+        if seen != last_seen:
+            last_seen, last_progress = seen, time.monotonic()
         if replay_task.done():
             stats = replay_task.result()
-            if consumed_tx >= stats.transactions and consumed_lb >= stats.labels and scored >= stats.transactions:
+            settled = up.get("streamer_labels_joined_total", 0) + sum(
+                v for k, v in up.items() if k.startswith("streamer_labels_rejected_total")
+            )
+            if consumed_tx >= stats.transactions and settled >= stats.labels and scored >= stats.transactions:
                 return stats
             if time.monotonic() - last_progress > STALL_TIMEOUT_SECONDS:
                 raise RuntimeError(f"workers stopped making progress; see {workers.logs}")

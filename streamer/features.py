@@ -208,7 +208,7 @@ class FeatureState:
         once per hour of event time), not per batch.
         """
         watermark = int(watermark_ms)
-        customer_horizon = watermark - max(self.customer_windows_ms)
+        customer_horizon = watermark - max(self.customer_windows_ms) + 1
         terminal_horizon = watermark - self.terminal_delay_ms - max(self.terminal_windows_ms)
         entries_before = self._entry_count
         self._entry_count -= _prune_customers(self._customers, customer_horizon)
@@ -330,7 +330,7 @@ class FeatureState:
         no_frauds = [0] * len(windows)
         counts: list[int] = []
         fraud_counts: list[int] = []
-        add_counts = counts.extend
+        add_count = counts.append
         add_fraud_counts = fraud_counts.extend
         for time, terminal in zip(times, terminals):
             terminal_times = table.get(terminal)
@@ -340,8 +340,13 @@ class FeatureState:
                 terminal_times.append(time)
             else:
                 insort_right(terminal_times, time)
+            # Same search as _window_counts, written out because this loop is the hot path.
             window_end = time - delay
-            add_counts(_window_counts(terminal_times, window_end, windows))
+            end = bisect_right(terminal_times, window_end)
+            start = end
+            for window in windows:
+                start = bisect_right(terminal_times, window_end - window, 0, start)
+                add_count(end - start)
             fraud_times = frauds.get(terminal)
             if fraud_times is None:
                 add_fraud_counts(no_frauds)

@@ -43,11 +43,14 @@ COMMIT_INTERVAL_SECONDS = 1.0
 class InferenceWorker:
     """Consumes, featurises, scores and publishes; follows snapshot announcements."""
 
-    def __init__(self, settings: Settings, metrics: InferenceMetrics, worker_id: str = "inference") -> None:
+    def __init__(
+        self, settings: Settings, metrics: InferenceMetrics, worker_id: str = "inference",
+        initial_features: FeatureState | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.worker_id = worker_id
-        self.features = FeatureState()
+        self.features = initial_features if initial_features is not None else FeatureState()
         # Only the transaction time and terminal are needed when a label comes.
         self._labels = LabelJoin(0, deadline_days=settings.label_deadline_days, policy="drop", joined_memory=100_000)
         self.served: ServedModel | None = None

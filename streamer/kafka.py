@@ -20,8 +20,9 @@ aiokafka 0.14.0 and faust-streaming 0.15.3) and how this module avoids each:
   correct, and `end_offsets` reads the last batch to find the true end. A producer whose
   topic is read back by offset (a faust changelog) can put one record per batch with
   ``exact_end_offsets=True``, which makes ListOffsets exact at a large cost in throughput.
-- A Metadata request for an unknown topic creates it with the broker's default partition
-  count. Call `ensure_topics` before any client subscribes.
+- A Metadata request for an unknown topic creates it, with 4 partitions, as Apache Kafka
+  does with ``auto.create.topics.enable``. Call `ensure_topics` before any client
+  subscribes, so that every topic gets its intended partitions and configuration.
 - ``list_consumer_group_offsets`` without an explicit partition list breaks the
   connection. Always pass the partitions.
 """
@@ -41,7 +42,7 @@ from .settings import Settings, Topics
 logger = logging.getLogger(__name__)
 
 # Records per getmany() call. The workers decode, featurise and train per batch, so a
-# large batch amortises the per-call cost; about 1.6 MB of 160-byte events.
+# large batch amortises the per-call cost. 10,000 events of 160 bytes are about 1.6 MB.
 MAX_POLL_RECORDS = 10_000
 # Bytes per partition per fetch: 2 MiB, so that a record up to Kafka's default 1 MiB
 # message limit (a model snapshot) always fits into one fetch.
@@ -121,8 +122,9 @@ def producer_kwargs(
     compression, because events are small JSON and the broker is local or near.
     Idempotence stays off on every broker, because the embedded one fails InitProducerId.
     With ``exact_end_offsets`` on the embedded broker, every record goes into its own
-    batch, so that ListOffsets "latest" is exact there; only producers of topics that are
-    read back by offset need it, because it cuts throughput about ninefold.
+    batch, so that ListOffsets "latest" is exact there. Only producers of topics that are
+    read back by offset need it, because it cuts throughput about ninefold (from about
+    46 k to 5 k records/s, measured with aiokafka on a 2-core machine).
     """
     kwargs = {
         "bootstrap_servers": _bootstrap(settings),
@@ -143,11 +145,11 @@ def producer_kwargs(
 def faust_broker_settings(settings: Settings) -> dict:
     """Build keyword arguments for ``faust.App`` that depend on the broker.
 
-    On real Kafka this is empty and faust's defaults apply. On the embedded broker:
-    short group timeouts (its group join waits half the session timeout), one record per
-    producer batch (so that changelog recovery, which reads up to ListOffsets "latest",
-    loses no update), and the at-least-once guarantee (``exactly_once`` needs
-    InitProducerId, which fails there).
+    On real Kafka this is empty and faust's defaults apply. The embedded broker gets
+    three workarounds. Group timeouts are short, because its group join waits half the
+    session timeout. Each producer batch contains one record, so that changelog recovery,
+    which reads up to ListOffsets "latest", loses no update. The guarantee is
+    at-least-once, because ``exactly_once`` needs InitProducerId, which fails there.
     """
     if not is_embedded(settings):
         return {}

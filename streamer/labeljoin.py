@@ -140,7 +140,7 @@ class LabelJoin:
         rows = np.asarray(early_rows, dtype=np.int64)
         result = Joined(
             {name: np.asarray(columns[name][rows], dtype=dtype) for name, dtype in _COLUMNS.items()},
-            np.asarray(features[rows], dtype=np.float32).reshape(-1, self.n_features),
+            np.asarray(features[rows], dtype=np.float32).reshape(len(rows), self.n_features),
             np.asarray(early_labels, dtype=np.int8),
         )
         counts.joined = len(result)
@@ -178,11 +178,12 @@ class LabelJoin:
         counts = JoinCounts()
         cutoff = watermark_ms - self.deadline_ms
         overdue = np.flatnonzero(self._active & (self._cols["event_time_ms"] < cutoff))
-        # Slot order depends on which slots were freed before, and differs after a restore, so
-        # release in event-time order (ties by transaction id): a resumed run then trains on the
-        # same micro-batches as an uninterrupted one.
+        # Slot order depends on which slots were freed earlier and changes after a restore. Release
+        # in event-time order (ties by transaction id), so that a resumed run trains on the same
+        # micro-batches as an uninterrupted one.
         order = np.lexsort((self._cols["transaction_id"][overdue], self._cols["event_time_ms"][overdue]))
         overdue = overdue[order]
+
         for tx_id in self._cols["transaction_id"][overdue].tolist():
             del self._slot_of[tx_id]
             self._remember(tx_id, 0)
@@ -242,3 +243,56 @@ class LabelJoin:
             state["early_transaction_id"].tolist(), state["early_label"].tolist(), state["early_time_ms"].tolist()
         ):
             self._early[tx_id] = (label, when)
+
+
+class LabelGate:
+    """Labels waiting until the transaction watermark reaches their event time.
+
+    The two topics are consumed independently, so in a fast replay the labels can be read
+    days of event time ahead of the transactions. Joining them at once would train on
+    labels before they exist in event time. The gate keeps each label, with the partition,
+    offset and bytes of its record for a later dead letter, until ``release`` is called
+    with a watermark at or after the label's time.
+    """
+
+    _FIELDS = {"transaction_id": np.int64, "label": np.int8, "event_time_ms": np.int64,
+               "partition": np.int32, "offset": np.int64}
+
+    def __init__(self) -> None:
+        self._arrays = {name: np.zeros(0, dtype=dtype) for name, dtype in self._FIELDS.items()}
+        self._values = np.zeros(0, dtype=object)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def add(self, columns: dict[str, np.ndarray], values: list[bytes]) -> None:
+        for name, dtype in self._FIELDS.items():
+            self._arrays[name] = np.concatenate([self._arrays[name], np.asarray(columns[name], dtype=dtype)])
+        extra = np.empty(len(values), dtype=object)
+        extra[:] = values
+        self._values = np.concatenate([self._values, extra])
+
+    def release(self, watermark_ms: int | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Remove and return the labels with event time <= watermark (all of them for None)."""
+        if watermark_ms is None:
+            ready = np.ones(len(self), dtype=bool)
+        else:
+            ready = self._arrays["event_time_ms"] <= watermark_ms
+        out = {name: arr[ready] for name, arr in self._arrays.items()}
+        values = self._values[ready]
+        if ready.any():
+            self._arrays = {name: arr[~ready] for name, arr in self._arrays.items()}
+            self._values = self._values[~ready]
+        return out, values
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state = {f"gate_{name}": arr.copy() for name, arr in self._arrays.items()}
+        # Fixed-width bytes keep the archive free of pickled objects.
+        state["gate_values"] = np.array(list(self._values), dtype=bytes) if len(self) else np.zeros(0, dtype="S1")
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        columns = {name: state[f"gate_{name}"] for name in self._FIELDS}
+        self._arrays = {name: np.zeros(0, dtype=dtype) for name, dtype in self._FIELDS.items()}
+        self._values = np.zeros(0, dtype=object)
+        self.add(columns, [bytes(v) for v in state["gate_values"]])

@@ -8,6 +8,7 @@ holds the metadata and the SHA-256 of ``NAME.pt``, which is checked before loadi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -126,6 +128,35 @@ def save_model_checkpoint(path: Path, checkpoint: ModelCheckpoint) -> str:
     return sha
 
 
+def save_feature_state(checkpoint_path: Path, state) -> dict:
+    """Save the feature state at the end of the training period beside a checkpoint.
+
+    The workers start from it, so that the first transactions of the stream see the same
+    30-day history the source model was trained with. Returns the metadata entry
+    ({"file", "sha256"}) to store in the checkpoint's metadata.
+    """
+    path = Path(checkpoint_path).with_suffix(".features.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **state.state_dict())
+    _write_atomically(path, buffer.getvalue())
+    return {"file": path.name, "sha256": file_sha256(path)}
+
+
+def load_feature_state(checkpoint_path: Path, checkpoint: ModelCheckpoint):
+    """Load the feature state saved with a checkpoint, verified by SHA-256; None if it has none."""
+    from .features import FeatureState
+
+    entry = checkpoint.metadata.get("feature_state")
+    if not entry:
+        return None
+    path = Path(checkpoint_path).with_name(entry["file"])
+    if not path.exists() or file_sha256(path) != entry["sha256"]:
+        raise CheckpointError(f"feature state {path} is missing or does not match its SHA-256; re-run `streamer pretrain`")
+    with np.load(path, allow_pickle=False) as npz:
+        return FeatureState.from_state_dict({k: npz[k] for k in npz.files})
+
+
 def load_model_checkpoint(path: Path) -> ModelCheckpoint:
     """Load a checkpoint written by `save_model_checkpoint` after verifying its SHA-256."""
     path = Path(path)
@@ -150,9 +181,10 @@ def load_model_checkpoint(path: Path) -> ModelCheckpoint:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as exc:
         raise CheckpointError(
-            f"model weights {path} failed to load with weights_only=True ({type(exc).__name__}): the file holds "
+            f"model weights {path} failed to load with weights_only=True ({type(exc).__name__}): the file contains "
             "objects other than tensors and plain values, or is not a torch file; re-run `streamer pretrain`"
         ) from exc
+
     arch = payload["architecture"]
     model = FraudMLP(arch["n_features"], tuple(arch["hidden"]), arch["n_outputs"])
     model.load_state_dict(payload["state_dict"])

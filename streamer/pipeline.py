@@ -25,7 +25,7 @@ from .deadletter import DeadLetter, dead_letter_from
 from .evaluation import PrequentialLog, RollingPrequential
 from .events import decode_labels, decode_transactions
 from .features import FEATURE_NAMES, FeatureState
-from .labeljoin import Joined, JoinCounts, LabelJoin
+from .labeljoin import Joined, JoinCounts, LabelGate, LabelJoin
 from .metrics import UpdaterMetrics
 from .model import FraudMLP, ModelCheckpoint, ScoreModule
 from .settings import Settings
@@ -51,7 +51,13 @@ class BatchOutcome:
 class UpdaterPipeline:
     """Feature state, label join, trainer and prequential evaluation of one target model."""
 
-    def __init__(self, settings: Settings, source: ModelCheckpoint, metrics: UpdaterMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        source: ModelCheckpoint,
+        metrics: UpdaterMetrics | None = None,
+        initial_features: FeatureState | None = None,
+    ) -> None:
         if list(source.feature_names) != list(FEATURE_NAMES):
             raise ValueError(
                 f"source model features {source.feature_names} differ from this version's {list(FEATURE_NAMES)}; "
@@ -71,9 +77,11 @@ class UpdaterPipeline:
             l2sp_lambda=settings.l2sp_lambda,
             freeze_updates=settings.freeze_updates,
         )
-        self.features = FeatureState()
+        self.features = initial_features if initial_features is not None else FeatureState()
         self.join = LabelJoin(len(FEATURE_NAMES), deadline_days=settings.label_deadline_days,
                               policy=settings.label_deadline_policy)
+        self.gate = LabelGate()
+        self._last_transaction_at = time.monotonic()
         self.rolling_live = RollingPrequential()
         self.rolling_source = RollingPrequential()
         self.log = PrequentialLog()
@@ -101,6 +109,8 @@ class UpdaterPipeline:
             self._process_labels(label_records, outcome)
         if tx_records:
             self._process_transactions(tx_records, outcome)
+            self._last_transaction_at = time.monotonic()
+        self._release_labels(outcome, self._label_release_watermark())
         if self.watermark_ms - self._last_expire_ms >= EXPIRE_EVERY_MS:
             self._expire()
         self._train_full_batches(outcome)
@@ -117,15 +127,38 @@ class UpdaterPipeline:
         self.counters["labels"] += len(batch)
         if not len(batch):
             return
-        joined, counts = self.join.add_labels(batch.transaction_id, batch.label, batch.event_time_ms)
+        valid = [records[i] for i in batch.index.tolist()]
+        self.gate.add(
+            {
+                "transaction_id": batch.transaction_id, "label": batch.label, "event_time_ms": batch.event_time_ms,
+                "partition": np.fromiter((r.partition for r in valid), np.int32, len(valid)),
+                "offset": np.fromiter((r.offset for r in valid), np.int64, len(valid)),
+            },
+            [r.value for r in valid],
+        )
+
+    def _release_labels(self, outcome: BatchOutcome, watermark_ms: int | None) -> None:
+        """Join the labels whose event time the transactions have reached (all of them for None)."""
+        columns, values = self.gate.release(watermark_ms)
+        if not len(values):
+            return
+        joined, counts = self.join.add_labels(columns["transaction_id"], columns["label"], columns["event_time_ms"])
         if counts.conflicting_transaction_ids:
-            position = {tx: i for i, tx in zip(batch.index.tolist(), batch.transaction_id.tolist())}
-            for tx_id in counts.conflicting_transaction_ids:
-                record = records[position[tx_id]]
-                outcome.dead_letters.append(dead_letter_from(record, "label contradicts an earlier label"))
+            conflicting = set(counts.conflicting_transaction_ids)
+            for i, tx_id in enumerate(columns["transaction_id"].tolist()):
+                if tx_id in conflicting:
+                    outcome.dead_letters.append(DeadLetter(
+                        self.settings.topics.labels, int(columns["partition"][i]), int(columns["offset"][i]),
+                        None, bytes(values[i]), "label contradicts an earlier label for this transaction",
+                    ))
         self._count_join(counts)
-        self._watermark(int(batch.event_time_ms.max()))
         self._accept_joined(joined)
+
+    def _label_release_watermark(self) -> int | None:
+        """Labels up to the transaction watermark; every label once transactions have been idle."""
+        if time.monotonic() - self._last_transaction_at >= self.settings.label_release_idle_seconds:
+            return None
+        return self.watermark_ms
 
     def _process_transactions(self, records: list, outcome: BatchOutcome) -> None:
         batch = decode_transactions([r.value for r in records])
@@ -222,6 +255,16 @@ class UpdaterPipeline:
         self._buffered = len(y) - start
         self._buffer_since = time.monotonic()
 
+    def on_idle(self) -> BatchOutcome:
+        """Called when a poll returned nothing: release idle labels, train a stale micro-batch."""
+        outcome = BatchOutcome()
+        if len(self.gate):
+            self._release_labels(outcome, self._label_release_watermark())
+            self._train_full_batches(outcome)
+        outcome.steps += self.train_if_stale()
+        self.counters["dead_letters"] += len(outcome.dead_letters)
+        return outcome
+
     def train_if_stale(self) -> list[StepResult]:
         """Train a partial micro-batch once it is older than the configured maximum age."""
         if self._buffered == 0 or time.monotonic() - self._buffer_since < self.settings.microbatch_max_age_seconds:
@@ -280,6 +323,7 @@ class UpdaterPipeline:
         # Joined but not yet trained examples: their labels' offsets are already in this checkpoint.
         join["buffer_features"] = self._buffered_features()
         join["buffer_labels"] = self._buffered_labels()
+        join.update(self.gate.state_dict())
         return CheckpointData(
             trainer=self.trainer.state_dict(), features=self.features.state_dict(), join=join,
             offsets={t: dict(p) for t, p in self.offsets.items()}, meta=meta,
@@ -305,6 +349,8 @@ class UpdaterPipeline:
         self.join = LabelJoin(len(FEATURE_NAMES), deadline_days=self.settings.label_deadline_days,
                               policy=self.settings.label_deadline_policy)
         self.join.load_state_dict(data.join)
+        self.gate = LabelGate()
+        self.gate.load_state_dict(data.join)
         self._buffer_x = [np.asarray(data.join["buffer_features"], dtype=np.float32).reshape(-1, len(FEATURE_NAMES))]
         self._buffer_y = [np.asarray(data.join["buffer_labels"], dtype=np.int8)]
         self._buffered = len(self._buffer_y[0])

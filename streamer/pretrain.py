@@ -20,7 +20,7 @@ from .dataset import DAY_MS, day_start_ms, load_transactions, stream_features
 from .errors import ConfigurationError
 from .evaluation import average_precision, roc_auc
 from .features import FEATURE_NAMES
-from .model import FraudMLP, ModelCheckpoint, save_model_checkpoint
+from .model import FraudMLP, ModelCheckpoint, save_feature_state, save_model_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def pretrain(config: PretrainConfig) -> ModelCheckpoint:
     data = load_transactions(list(config.paths), config.start, config.end)
     if len(data["event_time_ms"]) == 0:
         raise ConfigurationError(f"no transactions between {config.start} and {config.end} in {list(config.paths)}")
-    features = stream_features(data, label_delay_days=config.label_delay_days)
+    features, state = stream_features(data, label_delay_days=config.label_delay_days)
     logger.info("features computed rows=%d seconds=%.1f", len(features), time.perf_counter() - started)
 
     split = day_start_ms(config.end) - config.validation_days * DAY_MS
@@ -80,10 +80,12 @@ def pretrain(config: PretrainConfig) -> ModelCheckpoint:
         metadata={
             "name": config.output.stem,
             "training_period": {"start": config.start, "end": config.end},
+            "files": [str(Path(p).resolve()) for p in config.paths],
             "label_delay_days": config.label_delay_days,
             "metrics": metrics,
         },
     )
+    checkpoint.metadata["feature_state"] = save_feature_state(config.output, state)
     checkpoint.sha256 = save_model_checkpoint(config.output, checkpoint)
     logger.info("source model saved path=%s metrics=%s", config.output, metrics)
     return checkpoint

@@ -13,7 +13,7 @@ once. The event time travels in the JSON value (``event_time``).
 Input: CSV files with the header of the fraud-detection handbook, plain or gzip,
 replayed in the order given. ``tx_datetime`` is ISO 8601 and taken as UTC when it has
 no zone. ``tx_fraud_scenario`` and other extra columns are not read. The merge order
-holds when each input is sorted by time, as the handbook files are; a transaction
+holds when the input is sorted by time, as the handbook files are. A transaction
 earlier than its predecessor is produced in input order and counted in a warning.
 """
 
@@ -38,6 +38,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from . import kafka
 from .errors import BrokerError, ConfigurationError
@@ -289,9 +290,11 @@ class _BatchSender:
     """Fill one record batch per topic partition and submit it when full or flushed.
 
     Why not ``producer.send()`` per record: it creates a future and runs the partitioner
-    for each record, which made it the largest cost of a replay. Here a record costs one
+    for each record, which was the largest cost of a replay. Here a record costs one
     ``BatchBuilder.append``, and partitions are computed once per key with the
-    producer's partitioner, so the placement equals that of ``send()``. Delivery is
+    producer's partitioner, so the placement equals that of ``send()``. Measured on a
+    2-core machine with the embedded broker, 200,000 handbook transactions: about 45 k
+    events/s with ``send()``, about 110 k with batches. Delivery is
     awaited per window of SEND_WINDOW_BATCHES submitted batches, and the oldest window
     is awaited only when the next one is full.
     """
@@ -299,7 +302,7 @@ class _BatchSender:
     def __init__(self, producer: AIOKafkaProducer, partitioner) -> None:
         self.producer = producer
         self.partitioner = partitioner
-        self.builders: dict[tuple[str, int], object] = {}
+        self.builders: dict[tuple[str, int], BatchBuilder] = {}
         self.partitions: dict[tuple[str, bytes], int] = {}
         self.all_partitions: dict[str, list[int]] = {}
         self.previous: list[asyncio.Future] = []
@@ -439,17 +442,19 @@ async def _produce(
 
     Steps per event: pace (with a speedup: submit the partly filled batches, then sleep
     until the event is due), encode, append to its partition's batch. Every CHECK_EVERY
-    events: yield to the event loop, submit partly filled batches if BATCH_MAX_AGE_SECONDS
-    passed, report progress if due.
+    events and after each sleep: yield to the event loop, submit partly filled batches
+    if BATCH_MAX_AGE_SECONDS passed, report progress if due.
     """
     pacer = _Pacer(speedup) if speedup is not None else None
     counts = [0, 0]  # indexed by LABEL, TRANSACTION
     first_ms = last_ms = None
     started = last_report = last_submit = time.monotonic()
     for event_time_ms, kind, tx in events:
+        slept = False
         if pacer is not None and (delay := pacer.delay(event_time_ms)):
             await sender.submit_all()
             await asyncio.sleep(delay)
+            slept = True
         key = b"%d" % tx.customer_id
         if kind == TRANSACTION:
             value = transaction_event(tx.transaction_id, event_time_ms, tx.customer_id, tx.terminal_id, tx.amount)
@@ -461,7 +466,7 @@ async def _produce(
         if first_ms is None:
             first_ms = event_time_ms
         last_ms = event_time_ms
-        if (counts[LABEL] + counts[TRANSACTION]) % CHECK_EVERY:
+        if (counts[LABEL] + counts[TRANSACTION]) % CHECK_EVERY and not slept:
             continue
         await asyncio.sleep(0)  # let other tasks (the producer's sender, the demo's watcher) run
         now = time.monotonic()

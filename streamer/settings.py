@@ -51,6 +51,11 @@ class Settings:
     # "drop" discards it.
     label_deadline_policy: str = "genuine"
 
+    # STREAMER_LABEL_RELEASE_IDLE_SECONDS: labels wait until the transactions reach their
+    # event time; after this many wall-clock seconds without transactions they are
+    # released anyway (an idle transaction stream must not hold labels back for ever).
+    label_release_idle_seconds: float = 3.0
+
     # STREAMER_MICROBATCH_SIZE: joined examples per micro-batch.
     microbatch_size: int = 512
     # STREAMER_MICROBATCH_MAX_AGE_SECONDS: wall-clock seconds after which a partial

@@ -100,7 +100,7 @@ class MicroBatchTrainer:
         return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values())
 
     def state_dict(self) -> dict:
-        """Return a copy of the trainer state: later steps do not change it."""
+        """Return a deep copy of the trainer state, which later steps leave unchanged."""
         # Module and optimiser state dicts hold the live tensors, which the next step updates in place.
         return {
             "model": copy.deepcopy(self.model.state_dict()),
@@ -111,7 +111,7 @@ class MicroBatchTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        # Optimizer.load_state_dict keeps the given tensors, so copy them to not share them with `state`.
+        # Optimizer.load_state_dict keeps the tensors it is given, so pass a copy that `state` does not share.
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.updates = int(state["updates"])
         self.skipped = int(state["skipped"])

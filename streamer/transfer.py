@@ -49,8 +49,8 @@ def build_target(
     )
     target.set_normalisation(source.feature_mean, source.feature_std)
     source_state = source.state_dict()
-    # A layer transfers whole or not at all: a bias copied next to a fresh weight matrix (e.g. the
-    # head after a hidden width change) would be anchored to a value that no longer means anything.
+    # A layer transfers whole or not at all. A bias copied next to a fresh weight matrix (for example
+    # the head after a hidden width change) would anchor L2-SP to a value that no longer means anything.
     differing_layers = {
         _layer_of(name)
         for name, param in target.named_parameters()

@@ -60,10 +60,13 @@ class _Rebalance(ConsumerRebalanceListener):
 class Updater:
     """Runs one `UpdaterPipeline` against Kafka."""
 
-    def __init__(self, settings: Settings, source: ModelCheckpoint, metrics: UpdaterMetrics) -> None:
+    def __init__(
+        self, settings: Settings, source: ModelCheckpoint, metrics: UpdaterMetrics, initial_features=None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.pipeline = UpdaterPipeline(settings, source, metrics)
+        # A checkpoint, when there is one, replaces the initial features in start().
+        self.pipeline = UpdaterPipeline(settings, source, metrics, initial_features)
         self.checkpoints = CheckpointStore(settings.checkpoint_dir)
         self.store = SnapshotStore(settings.snapshot_dir, settings.model_name, settings.snapshot_retention)
         self._pipeline_thread = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
@@ -148,7 +151,9 @@ class Updater:
                 outcome = await self._in_pipeline(self.pipeline.process, records)
                 await self._after_batch(records, outcome)
             else:
-                await self._in_pipeline(self.pipeline.train_if_stale)
+                outcome = await self._in_pipeline(self.pipeline.on_idle)
+                if outcome.dead_letters:
+                    await self._send_dead_letters(outcome.dead_letters)
             await self._maybe_export()
             if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_seconds:
                 await self.checkpoint()

@@ -1,0 +1,62 @@
+"""Shared test helpers: reading the fraud-handbook transactions into column arrays."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# CI clones the repository into a folder with shared/ beside it, as on developer machines.
+HANDBOOK_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fraud-handbook"
+
+
+@dataclass(frozen=True)
+class HandbookTransactions:
+    """Column arrays of handbook transactions, in file order (sorted by event time)."""
+
+    transaction_id: np.ndarray  # int64
+    event_time_ms: np.ndarray  # int64, Unix milliseconds, UTC
+    customer_id: np.ndarray  # int64
+    terminal_id: np.ndarray  # int64
+    amount: np.ndarray  # float64
+    fraud: np.ndarray  # int64, 1 fraudulent, 0 genuine
+
+    def __len__(self) -> int:
+        return len(self.transaction_id)
+
+
+@functools.lru_cache(maxsize=4)
+def read_handbook_transactions(months: tuple[str, ...], before: str) -> HandbookTransactions:
+    """Read the transactions of ``months`` (like ``"2018-04"``) with tx_datetime before ``before``.
+
+    ``before`` is an ISO 8601 prefix such as ``"2018-05-11"``. Rows are sorted by
+    tx_datetime, so reading a file stops at the first row at or after it. Times have no
+    zone in the files and are read as UTC. Results are cached, so callers must not modify
+    the arrays.
+    """
+    columns: dict[str, list[str]] = {name: [] for name in _COLUMNS}
+    for month in months:
+        with gzip.open(HANDBOOK_DIR / f"transactions-{month}.csv.gz", "rt", newline="") as file:
+            reader = csv.DictReader(file)
+            for row in reader:
+                if row["tx_datetime"] >= before:
+                    break
+                for name in _COLUMNS:
+                    columns[name].append(row[name])
+
+    event_time = np.array(columns["tx_datetime"], dtype="datetime64[ms]")
+    return HandbookTransactions(
+        transaction_id=np.array(columns["transaction_id"], dtype=np.int64),
+        event_time_ms=event_time.astype(np.int64),
+        customer_id=np.array(columns["customer_id"], dtype=np.int64),
+        terminal_id=np.array(columns["terminal_id"], dtype=np.int64),
+        amount=np.array(columns["tx_amount"], dtype=np.float64),
+        fraud=np.array(columns["tx_fraud"], dtype=np.int64),
+    )
+
+
+_COLUMNS = ("transaction_id", "tx_datetime", "customer_id", "terminal_id", "tx_amount", "tx_fraud")
