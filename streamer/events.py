@@ -26,6 +26,7 @@ hot path never builds one Python object per event beyond the decoded dict.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,54 +153,158 @@ def _check_transaction(event: dict) -> None:
         raise ValueError(f"amount must be between 0 and {MAX_AMOUNT:.0f}, got {amount!r}")
 
 
-def decode_transactions(values: list[bytes | None]) -> TransactionBatch:
-    """Decode and validate raw `transactions` message values; invalid ones are listed in ``rejected``."""
-    rows: list[tuple] = []
-    index: list[int] = []
-    rejected: list[Rejected] = []
+_TRANSACTION_KEYS = ("type", "event_id", "transaction_id", "event_time", "customer_id", "terminal_id", "amount")
+_LABEL_KEYS = ("type", "event_id", "transaction_id", "event_time", "label")
+_get_transaction = operator.itemgetter(*_TRANSACTION_KEYS)
+_get_label = operator.itemgetter(*_LABEL_KEYS)
+# Exact Python types of a valid event's values, in key order (bool is not int here).
+_TRANSACTION_TYPES = {(str, str, int, int, int, int, float), (str, str, int, int, int, int, int)}
+_LABEL_TYPES = {(str, str, int, int, int)}
+
+
+def _fast_rows(values, getter, n_keys: int, kind: str, types: set) -> tuple[list[int], list[tuple], list[int]]:
+    """Parse events whose shape and value types are exactly right; return (index, rows, others).
+
+    This is the hot path: one orjson call and a few C-level checks per event. Everything it
+    does not accept goes to `others`, where the slow path finds the precise reason.
+    """
+    index, rows, others = [], [], []
+    loads = orjson.loads
     for i, value in enumerate(values):
         try:
-            event = _parse_object(value, "transaction", TRANSACTION_FIELDS)
-            _check_transaction(event)
-        except ValueError as exc:
-            rejected.append(Rejected(i, str(exc)))
+            if len(value) > MAX_MESSAGE_BYTES:
+                raise ValueError
+            event = loads(value)
+            if len(event) != n_keys:
+                raise ValueError
+            row = getter(event)
+        except (TypeError, KeyError, ValueError):  # None, bad JSON, a list, a missing key
+            others.append(i)
+            continue
+        if row[0] != kind or tuple(map(type, row)) not in types:
+            others.append(i)
             continue
         index.append(i)
-        rows.append(
-            (event["transaction_id"], event["event_time"], event["customer_id"], event["terminal_id"], event["amount"])
-        )
-    columns = list(zip(*rows)) if rows else [(), (), (), (), ()]
-    return TransactionBatch(
-        index=np.asarray(index, dtype=np.int64),
-        transaction_id=np.asarray(columns[0], dtype=np.int64),
-        event_time_ms=np.asarray(columns[1], dtype=np.int64),
-        customer_id=np.asarray(columns[2], dtype=np.int64),
-        terminal_id=np.asarray(columns[3], dtype=np.int64),
-        amount=np.asarray(columns[4], dtype=np.float64),
-        rejected=rejected,
+        rows.append(row)
+    return index, rows, others
+
+
+def _out_of_range(ids: list[np.ndarray], event_time: np.ndarray, event_ids: tuple) -> np.ndarray:
+    bad = (event_time < MIN_EVENT_TIME_MS) | (event_time >= MAX_EVENT_TIME_MS)
+    for column in ids:
+        bad |= column < 0
+    lengths = np.fromiter(map(len, event_ids), dtype=np.int64, count=len(event_ids))
+    return bad | (lengths == 0) | (lengths > 128)
+
+
+def decode_transactions(values: list[bytes | None]) -> TransactionBatch:
+    """Decode and validate raw `transactions` message values; invalid ones are listed in ``rejected``."""
+    index, rows, others = _fast_rows(values, _get_transaction, len(_TRANSACTION_KEYS), "transaction", _TRANSACTION_TYPES)
+    try:
+        columns = list(zip(*rows)) if rows else [()] * len(_TRANSACTION_KEYS)
+        ints = [np.asarray(columns[k], dtype=np.int64) for k in (2, 3, 4, 5)]
+        amount = np.asarray(columns[6], dtype=np.float64)
+    except OverflowError:  # an id beyond int64: let the slow path name it
+        return _decode_slowly(values, _slow_transaction, len(values))
+    bad = _out_of_range([ints[0], ints[2], ints[3]], ints[1], columns[1])
+    bad |= ~np.isfinite(amount) | (amount < 0) | (amount > MAX_AMOUNT)
+    keep = ~bad
+    batch = TransactionBatch(
+        index=np.asarray(index, dtype=np.int64)[keep], transaction_id=ints[0][keep], event_time_ms=ints[1][keep],
+        customer_id=ints[2][keep], terminal_id=ints[3][keep], amount=amount[keep],
     )
+    others += np.asarray(index, dtype=np.int64)[bad].tolist()
+    if others:
+        extra = _decode_slowly([values[i] for i in others], _slow_transaction, len(others))
+        batch = _merge_transactions(batch, extra, others)
+    return batch
 
 
 def decode_labels(values: list[bytes | None]) -> LabelBatch:
     """Decode and validate raw `labels` message values; invalid ones are listed in ``rejected``."""
+    index, rows, others = _fast_rows(values, _get_label, len(_LABEL_KEYS), "label", _LABEL_TYPES)
+    try:
+        columns = list(zip(*rows)) if rows else [()] * len(_LABEL_KEYS)
+        ids = np.asarray(columns[2], dtype=np.int64)
+        times = np.asarray(columns[3], dtype=np.int64)
+        labels = np.asarray(columns[4], dtype=np.int64)
+    except OverflowError:
+        return _decode_slowly(values, _slow_label, len(values))
+    bad = _out_of_range([ids], times, columns[1]) | (labels < 0) | (labels > 1)
+    keep = ~bad
+    batch = LabelBatch(
+        index=np.asarray(index, dtype=np.int64)[keep], transaction_id=ids[keep], event_time_ms=times[keep],
+        label=labels[keep].astype(np.int8),
+    )
+    others += np.asarray(index, dtype=np.int64)[bad].tolist()
+    if others:
+        extra = _decode_slowly([values[i] for i in others], _slow_label, len(others))
+        batch = _merge_labels(batch, extra, others)
+    return batch
+
+
+def _slow_transaction(value: bytes | None) -> tuple:
+    event = _parse_object(value, "transaction", TRANSACTION_FIELDS)
+    _check_transaction(event)
+    return (event["transaction_id"], event["event_time"], event["customer_id"], event["terminal_id"], event["amount"])
+
+
+def _slow_label(value: bytes | None) -> tuple:
+    event = _parse_object(value, "label", LABEL_FIELDS)
+    if type(event["label"]) is not int or event["label"] not in (0, 1):
+        raise ValueError(f"label must be 0 or 1, got {event['label']!r}")
+    return (event["transaction_id"], event["event_time"], event["label"])
+
+
+def _decode_slowly(values: list, parse, n: int):
+    """Validate event by event, with a precise reason for each rejection."""
     rows: list[tuple] = []
     index: list[int] = []
     rejected: list[Rejected] = []
     for i, value in enumerate(values):
         try:
-            event = _parse_object(value, "label", LABEL_FIELDS)
-            if event["label"] not in (0, 1) or type(event["label"]) is not int:
-                raise ValueError(f"label must be 0 or 1, got {event['label']!r}")
+            rows.append(parse(value))
+            index.append(i)
         except ValueError as exc:
             rejected.append(Rejected(i, str(exc)))
-            continue
-        index.append(i)
-        rows.append((event["transaction_id"], event["event_time"], event["label"]))
-    columns = list(zip(*rows)) if rows else [(), (), ()]
+    width = 5 if parse is _slow_transaction else 3
+    columns = list(zip(*rows)) if rows else [()] * width
+    idx = np.asarray(index, dtype=np.int64)
+    if parse is _slow_transaction:
+        return TransactionBatch(
+            idx, np.asarray(columns[0], np.int64), np.asarray(columns[1], np.int64), np.asarray(columns[2], np.int64),
+            np.asarray(columns[3], np.int64), np.asarray(columns[4], np.float64), rejected,
+        )
+    return LabelBatch(idx, np.asarray(columns[0], np.int64), np.asarray(columns[1], np.int64),
+                      np.asarray(columns[2], np.int8), rejected)
+
+
+def _remap(batch, positions: list[int]):
+    """Translate indices of a sub-batch (the slow path's input) back to the full batch."""
+    lookup = np.asarray(positions, dtype=np.int64)
+    batch.index = lookup[batch.index] if len(batch.index) else batch.index
+    batch.rejected = [Rejected(positions[r.index], r.reason) for r in batch.rejected]
+    return batch
+
+
+def _merge_transactions(fast: TransactionBatch, slow: TransactionBatch, positions: list[int]) -> TransactionBatch:
+    slow = _remap(slow, positions)
+    index = np.concatenate([fast.index, slow.index])
+    order = np.argsort(index, kind="stable")
+    return TransactionBatch(
+        index[order],
+        *(np.concatenate([getattr(fast, f), getattr(slow, f)])[order]
+          for f in ("transaction_id", "event_time_ms", "customer_id", "terminal_id", "amount")),
+        rejected=sorted(slow.rejected, key=lambda r: r.index),
+    )
+
+
+def _merge_labels(fast: LabelBatch, slow: LabelBatch, positions: list[int]) -> LabelBatch:
+    slow = _remap(slow, positions)
+    index = np.concatenate([fast.index, slow.index])
+    order = np.argsort(index, kind="stable")
     return LabelBatch(
-        index=np.asarray(index, dtype=np.int64),
-        transaction_id=np.asarray(columns[0], dtype=np.int64),
-        event_time_ms=np.asarray(columns[1], dtype=np.int64),
-        label=np.asarray(columns[2], dtype=np.int8),
-        rejected=rejected,
+        index[order],
+        *(np.concatenate([getattr(fast, f), getattr(slow, f)])[order] for f in ("transaction_id", "event_time_ms", "label")),
+        rejected=sorted(slow.rejected, key=lambda r: r.index),
     )

@@ -1,10 +1,10 @@
 """Handbook fraud features, computed incrementally from the event stream in keyed state.
 
 The feature set is the baseline of *Machine Learning for Credit Card Fraud Detection -
-Practical Handbook* (Le Borgne et al.): the amount, weekend and night flags, per customer
-the count and mean amount over the last 1, 7 and 30 days, and per terminal the count and
-fraud rate over 1, 7 and 30-day windows that end a delay (7 days) before the transaction,
-because fraud labels arrive late. Offline pretraining, the streaming updater and the
+Practical Handbook* (Le Borgne et al.). It contains the amount, weekend and night flags,
+per customer the count and mean amount over the last 1, 7 and 30 days, and per terminal
+the count and fraud rate over 1, 7 and 30-day windows. Terminal windows end a delay
+(7 days) before the transaction, because fraud labels arrive late. Offline pretraining, the streaming updater and the
 inference worker all use :class:`FeatureState`, so training and serving cannot drift apart.
 
 Window semantics, with ``t`` the transaction's event time (Unix milliseconds, UTC):
@@ -78,12 +78,12 @@ class FeatureState:
     labels (:meth:`observe_labels`) before its transactions
     (:meth:`transform_transactions`), and labels before transactions of equal event time.
     This is exact when every label arrives at most ``d`` (the terminal delay) after its
-    transaction, as in the handbook's setting. A transaction of the batch that precedes
-    the label at time ``L`` in the stream has ``t <= L``, so its window ends at
-    ``t - d <= L - d``, which is at or before the labelled transaction: the label's
-    transaction lies outside the window (at equal times the label comes first anyway).
-    A label that arrives later than ``d`` becomes visible to the transactions of its own
-    batch that precede it, so at most one batch early.
+    transaction, as in the handbook's setting. Take a label that arrives at time ``L``,
+    and a transaction of the same batch at time ``t`` that precedes it in the stream,
+    so ``t <= L``. Its window ends at ``t - d <= L - d``, and the labelled transaction
+    happened at or after ``L - d``, so outside that window (at equal times the label
+    comes first anyway). A label that arrives later than ``d`` becomes visible to the
+    transactions of its own batch that precede it, so at most one batch early.
 
     Each fraud label must be observed once: duplicates are counted twice, so the caller
     removes them (by event id) first. A label whose transaction this state never saw
@@ -208,7 +208,7 @@ class FeatureState:
         once per hour of event time), not per batch.
         """
         watermark = int(watermark_ms)
-        customer_horizon = watermark - max(self.customer_windows_ms) + 1
+        customer_horizon = watermark - max(self.customer_windows_ms)
         terminal_horizon = watermark - self.terminal_delay_ms - max(self.terminal_windows_ms)
         entries_before = self._entry_count
         self._entry_count -= _prune_customers(self._customers, customer_horizon)
@@ -340,6 +340,7 @@ class FeatureState:
                 terminal_times.append(time)
             else:
                 insort_right(terminal_times, time)
+
             # Same search as _window_counts, written out because this loop is the hot path.
             window_end = time - delay
             end = bisect_right(terminal_times, window_end)
@@ -347,6 +348,7 @@ class FeatureState:
             for window in windows:
                 start = bisect_right(terminal_times, window_end - window, 0, start)
                 add_count(end - start)
+
             fraud_times = frauds.get(terminal)
             if fraud_times is None:
                 add_fraud_counts(no_frauds)
@@ -413,35 +415,43 @@ def _insert_late_customer_entry(times: array, sums: array, time: int, amount: fl
 
 def _prune_customers(table: dict[int, tuple[array, array]], horizon_ms: int) -> int:
     dropped = 0
-    for key in list(table):
-        times, sums = table[key]
-        count = bisect_right(times, horizon_ms)
-        if count == 0:
+    emptied = []
+    rebased = []
+    for key, (times, sums) in table.items():
+        if times[0] > horizon_ms:
             continue
+        count = bisect_right(times, horizon_ms)
         dropped += count
         if count == len(times):
-            del table[key]
+            emptied.append(key)
             continue
         del times[:count]
         del sums[:count]
         if abs(sums[0]) > _CUMSUM_REBASE_LIMIT:
-            base = sums[0]
-            table[key] = (times, array("d", [value - base for value in sums]))
+            rebased.append(key)
+    for key in emptied:
+        del table[key]
+    for key in rebased:
+        times, sums = table[key]
+        base = sums[0]
+        table[key] = (times, array("d", [value - base for value in sums]))
     return dropped
 
 
 def _prune_times(table: dict[int, array], horizon_ms: int) -> int:
     dropped = 0
-    for key in list(table):
-        times = table[key]
-        count = bisect_right(times, horizon_ms)
-        if count == 0:
+    emptied = []
+    for key, times in table.items():
+        if times[0] > horizon_ms:
             continue
+        count = bisect_right(times, horizon_ms)
         dropped += count
         if count == len(times):
-            del table[key]
+            emptied.append(key)
         else:
             del times[:count]
+    for key in emptied:
+        del table[key]
     return dropped
 
 

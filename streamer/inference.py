@@ -212,13 +212,14 @@ class InferenceWorker:
     @staticmethod
     def _encode_scores(batch, order, scores, version, tx_records) -> list[tuple[int, bytes, bytes]]:
         scored_at = int(time.time() * 1000)
+        dumps = orjson.dumps
         out = []
-        for row, probability in zip(order.tolist(), scores.tolist()):
-            record = tx_records[int(batch.index[row])]
-            value = orjson.dumps({
-                "transaction_id": int(batch.transaction_id[row]), "score": probability,
-                "model_version": version, "scored_at": scored_at,
-            })
+        for position, tx_id, probability in zip(
+            batch.index[order].tolist(), batch.transaction_id[order].tolist(), scores.tolist()
+        ):
+            record = tx_records[position]
+            value = dumps({"transaction_id": tx_id, "score": probability, "model_version": version,
+                           "scored_at": scored_at})
             out.append((record.partition, record.key, value))
         return out
 

@@ -34,8 +34,11 @@ from .transfer import build_target
 
 logger = logging.getLogger(__name__)
 
-# Expiring overdue labels scans the whole join; once per this many event-time ms is enough.
-EXPIRE_EVERY_MS = 60_000
+# Expiring overdue labels scans the whole join: once per event-time hour is enough for a
+# deadline measured in days. Pruning feature state scans every key: once per event-time day
+# keeps the state within one day of its 37-day horizon.
+EXPIRE_EVERY_MS = 3_600_000
+PRUNE_EVERY_MS = 86_400_000
 
 
 @dataclass
@@ -88,6 +91,7 @@ class UpdaterPipeline:
         self.offsets: dict[str, dict[int, int]] = {}
         self.watermark_ms = 0
         self._last_expire_ms = 0
+        self._last_prune_ms = 0
         self._buffer_x: list[np.ndarray] = []
         self._buffer_y: list[np.ndarray] = []
         self._buffered = 0
@@ -99,8 +103,12 @@ class UpdaterPipeline:
 
     # -- processing ---------------------------------------------------------------------------
 
-    def process(self, records: list) -> BatchOutcome:
-        """Process consumer records (objects with topic, partition, offset, key, value) of both topics."""
+    def process(self, records: list, next_offsets: dict[tuple[str, int], int] | None = None) -> BatchOutcome:
+        """Process consumer records (objects with topic, partition, offset, key, value) of both topics.
+
+        ``next_offsets`` maps (topic, partition) to the offset after the last record of this
+        batch; the consumer knows it per partition, which saves a pass over the records.
+        """
         outcome = BatchOutcome()
         topics = self.settings.topics
         tx_records = [r for r in records if r.topic == topics.transactions]
@@ -114,7 +122,7 @@ class UpdaterPipeline:
         if self.watermark_ms - self._last_expire_ms >= EXPIRE_EVERY_MS:
             self._expire()
         self._train_full_batches(outcome)
-        self._advance_offsets(records)
+        self._advance_offsets(records, next_offsets)
         self.counters["dead_letters"] += len(outcome.dead_letters)
         if self.metrics is not None:
             self.metrics.pending_labels.set(self.join.pending)
@@ -231,13 +239,19 @@ class UpdaterPipeline:
         joined, counts = self.join.expire(self.watermark_ms)
         self._count_join(counts)
         self._accept_joined(joined)
-        self.features.prune(self.watermark_ms)
+        if self.watermark_ms - self._last_prune_ms >= PRUNE_EVERY_MS:
+            self._last_prune_ms = self.watermark_ms
+            self.features.prune(self.watermark_ms)
 
-    def _advance_offsets(self, records: list) -> None:
-        for r in records:
-            parts = self.offsets.setdefault(r.topic, {})
-            if r.offset + 1 > parts.get(r.partition, 0):
-                parts[r.partition] = r.offset + 1
+    def _advance_offsets(self, records: list, next_offsets: dict[tuple[str, int], int] | None) -> None:
+        if next_offsets is None:
+            next_offsets = {}
+            for r in records:
+                next_offsets[(r.topic, r.partition)] = max(r.offset + 1, next_offsets.get((r.topic, r.partition), 0))
+        for (topic, partition), offset in next_offsets.items():
+            parts = self.offsets.setdefault(topic, {})
+            if offset > parts.get(partition, 0):
+                parts[partition] = offset
 
     # -- training -----------------------------------------------------------------------------
 

@@ -148,7 +148,8 @@ class Updater:
             batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS_PER_POLL)
             records = [r for part in batches.values() for r in part]
             if records:
-                outcome = await self._in_pipeline(self.pipeline.process, records)
+                ends = {(tp.topic, tp.partition): part[-1].offset + 1 for tp, part in batches.items() if part}
+                outcome = await self._in_pipeline(self.pipeline.process, records, ends)
                 await self._after_batch(records, outcome)
             else:
                 outcome = await self._in_pipeline(self.pipeline.on_idle)

@@ -170,7 +170,7 @@ def test_features_match_recount_on_handbook_data(handbook):
         )
 
 
-def test_features_match_recount_on_random_out_of_order_streams():
+def test_features_match_recount_out_of_order():
     for seed in range(6):
         actual, expected, names = run_random_stream(seed)
         for column, name in enumerate(names):
@@ -508,12 +508,33 @@ def test_prune_terminal_horizon_is_exact():
     watermark = MONDAY_MS + DELAY_MS + 30 * DAY_MS
 
     pruned.prune(watermark)
+    # Both customer entries go, and the terminal and fraud entries at MONDAY_MS.
+    entries_after_prune = pruned.num_entries
     query = [(watermark, 3, 9, 30.0)]
     features = transform(pruned, query)
 
-    # Both customer entries go, and the terminal and fraud entries at MONDAY_MS.
-    assert pruned.num_entries == 2
+    assert entries_after_prune == 2
+    assert features[0, COLUMN["terminal_fraud_rate_30d"]] == 1
     assert features[0, COLUMN["terminal_count_30d"]] == 1
+    assert np.array_equal(features, transform(unpruned, query))
+
+
+def test_prune_rebases_large_amount_sums():
+    pruned, unpruned = FeatureState(), FeatureState()
+    for state in (pruned, unpruned):
+        transform(state, [(MONDAY_MS + day * DAY_MS, 1, 9, 3e9 + day) for day in range(4)])
+    watermark = MONDAY_MS + 31 * DAY_MS
+
+    # Drops days 0 and 1, so the kept running sums start above 2**32 and are shifted back.
+    pruned.prune(watermark)
+    kept_sums_start = pruned.state_dict()["customer_sums"][0]
+    query = [(watermark, 1, 9, 5.0)]
+    features = transform(pruned, query)
+
+    expected_mean = (3e9 + 2 + 3e9 + 3 + 5.0) / 3
+    assert kept_sums_start == 0
+    assert features[0, COLUMN["customer_count_30d"]] == 3
+    assert features[0, COLUMN["customer_mean_amount_30d"]] == np.float32(expected_mean)
     assert np.array_equal(features, transform(unpruned, query))
 
 
@@ -608,7 +629,7 @@ def test_transform_rejects_invalid_input(arrays, message):
     assert state.num_entries == 0
 
 
-def test_observe_labels_rejects_label_other_than_0_or_1():
+def test_observe_labels_rejects_non_binary_label():
     with pytest.raises(FeatureInputError, match="label must be 0 or 1, got 2"):
         FeatureState().observe_labels(np.array([MONDAY_MS, MONDAY_MS]), np.array([9, 9]), np.array([1, 2]))
 
