@@ -50,7 +50,11 @@ class Batch:
 def read_transactions(data_dir: Path, months: list[str]) -> dict[str, np.ndarray]:
     """Read whole months of handbook transactions into column arrays (times as UTC ms)."""
     columns: dict[str, list[str]] = {
-        "tx_datetime": [], "customer_id": [], "terminal_id": [], "tx_amount": [], "tx_fraud": []
+        "tx_datetime": [],
+        "customer_id": [],
+        "terminal_id": [],
+        "tx_amount": [],
+        "tx_fraud": [],
     }
     for month in months:
         with gzip.open(data_dir / f"transactions-{month}.csv.gz", "rt", newline="") as file:
@@ -126,15 +130,31 @@ def replay(batches: list[Batch], prune_interval_ms: int) -> tuple[float, float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                        help="folder with transactions-YYYY-MM.csv.gz files")
-    parser.add_argument("--months", nargs="+", default=["2018-04", "2018-05"],
-                        help="months to replay, as YYYY-MM")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[500, 1000, 5000],
-                        help="transactions per batch, one measurement each")
-    parser.add_argument("--runs", type=int, default=5, help="runs per batch size, of which the median is printed")
-    parser.add_argument("--prune-interval-days", type=float, default=7.0,
-                        help="event time between two prune calls, in days")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="folder with transactions-YYYY-MM.csv.gz files",
+    )
+    parser.add_argument(
+        "--months", nargs="+", default=["2018-04", "2018-05"], help="months to replay, as YYYY-MM"
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        default=[500, 1000, 5000],
+        help="transactions per batch, one measurement each",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=5, help="runs per batch size, of which the median is printed"
+    )
+    parser.add_argument(
+        "--prune-interval-days",
+        type=float,
+        default=7.0,
+        help="event time between two prune calls, in days",
+    )
     args = parser.parse_args()
 
     data = read_transactions(args.data_dir, args.months)

@@ -102,4 +102,13 @@ def stream_features(
         out[lo:hi] = state.transform_transactions(
             data["event_time_ms"][lo:hi], data["customer_id"][lo:hi], data["terminal_id"][lo:hi], data["amount"][lo:hi]
         )
+    # The labels still on their way at the end of the period go into the final state too.
+    # With a label delay up to the terminal windows' 7-day delay this uses no label early: a
+    # window of a transaction at t ends at t - 7 days, so it only counts transactions whose
+    # labels arrived by t. With a longer label delay these labels are left out instead.
+    if next_label < n and label_delay_days <= 7.0:
+        sl = slice(next_label, n)
+        state.observe_labels(data["event_time_ms"][sl], data["terminal_id"][sl], data["fraud"][sl])
+    if n:
+        state.prune(int(data["event_time_ms"][-1]))  # the workers need only the last 37 days
     return out, state

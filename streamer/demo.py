@@ -32,7 +32,7 @@ from .errors import StreamerError
 from .evaluation import PrequentialLog
 from .model import ModelCheckpoint, load_model_checkpoint
 from .kafka import ensure_topics
-from .pretrain import PretrainConfig, pretrain
+from .pretrain import PRETRAIN_FORMAT_VERSION, PretrainConfig, pretrain
 from .replay import replay
 from .report import format_key_value_table, format_metric_table, metric_rows, plot_rolling_average_precision
 from .settings import Settings
@@ -67,7 +67,8 @@ def _reusable_source(path: Path, config: DemoConfig) -> ModelCheckpoint | None:
     meta = checkpoint.metadata
     same_period = meta.get("training_period") == {"start": config.pretrain_start, "end": config.pretrain_end}
     same_files = meta.get("files") == [str(p.resolve()) for p in config.data]
-    return checkpoint if same_period and same_files else None
+    same_format = meta.get("format_version") == PRETRAIN_FORMAT_VERSION
+    return checkpoint if same_period and same_files and same_format else None
 
 
 def _free_port() -> int:

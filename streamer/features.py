@@ -4,8 +4,9 @@ The feature set is the baseline of *Machine Learning for Credit Card Fraud Detec
 Practical Handbook* (Le Borgne et al.). It contains the amount, weekend and night flags,
 per customer the count and mean amount over the last 1, 7 and 30 days, and per terminal
 the count and fraud rate over 1, 7 and 30-day windows. Terminal windows end a delay
-(7 days) before the transaction, because fraud labels arrive late. Offline pretraining, the streaming updater and the
-inference worker all use :class:`FeatureState`, so training and serving cannot drift apart.
+(7 days) before the transaction, because fraud labels arrive late. Offline pretraining,
+the streaming updater and the inference worker all use :class:`FeatureState`, so
+training and serving cannot drift apart.
 
 Window semantics, with ``t`` the transaction's event time (Unix milliseconds, UTC):
 
@@ -201,11 +202,10 @@ class FeatureState:
         Customer entries at or before ``watermark_ms - max(customer window)`` and terminal
         entries at or before ``watermark_ms - delay - max(terminal window)`` go, and so do
         keys left empty. Features of transactions with event time at or after the watermark
-        stay the same. The one exception is rounding: a customer's running amount sums are
-        shifted back to 0 once they exceed 2**32, which changes means by about 1e-16
-        relative. A late transaction before the watermark may miss dropped entries. The
-        cost is linear in the number of keys, so call it from time to time (for example
-        once per hour of event time), not per batch.
+        stay the same. The one exception is float64 rounding: a customer's running amount
+        sums are shifted back to 0 once they exceed 2**32. A late transaction before the
+        watermark may miss dropped entries. The cost is linear in the number of keys
+        (milliseconds for 15,000 keys), so call it from time to time, not per batch.
         """
         watermark = int(watermark_ms)
         customer_horizon = watermark - max(self.customer_windows_ms)
@@ -225,7 +225,9 @@ class FeatureState:
     def state_dict(self) -> dict[str, np.ndarray]:
         """Return the state as flat numeric arrays, for ``np.savez`` and ``allow_pickle=False``.
 
-        Per-key arrays are concatenated in key order, with one length per key.
+        For each table, ``*_keys`` lists the keys, ``*_lengths`` the number of entries
+        of each key, and ``*_times`` (and ``customer_sums``, one more item per key) the
+        per-key arrays concatenated in the order of ``*_keys``.
         """
         customer_keys = list(self._customers)
         customer_times = [self._customers[key][0] for key in customer_keys]
@@ -270,10 +272,11 @@ class FeatureState:
         )
         _raise_if_config_differs(restored, state)
 
-        keys = _read_array(state, "customer_keys", np.int64)
-        lengths = _read_lengths(state, "customer", len(keys))
-        times = _split(_read_array(state, "customer_times", np.int64), lengths, "q", "customer_times")
-        sums = _split(_read_array(state, "customer_sums", np.float64), lengths + 1, "d", "customer_sums")
+        keys, lengths = _read_keys_and_lengths(state, "customer")
+        times = _read_times(state, "customer", lengths)
+        sums = _split(
+            _read_array(state, "customer_sums", np.float64), lengths + 1, "d", "customer_sums"
+        )
         restored._customers = dict(zip(keys.tolist(), zip(times, sums)))
         restored._terminal_times = _read_time_table(state, "terminal")
         restored._terminal_frauds = _read_time_table(state, "fraud")
@@ -287,7 +290,7 @@ class FeatureState:
     def _update_customers(
         self, times: list[int], customers: list[int], amounts: list[float]
     ) -> tuple[list[int], list[float]]:
-        # Hot loop: one dict lookup, one append and one bisect per window per transaction.
+        # Hot loop. Per transaction: one dict lookup, one append, and one bisect per window.
         # Returns window counts and amount sums, row-major with one column per window.
         windows = self.customer_windows_ms
         table = self._customers
@@ -491,9 +494,7 @@ def _windows_to_ms(name: str, windows_days: Sequence[float]) -> tuple[int, ...]:
 def _delay_to_ms(delay_days: float) -> int:
     delay = _days_to_ms("terminal_delay_days", delay_days)
     if delay < 0:
-        raise ConfigurationError(
-            f"terminal_delay_days must be 0 or more days, got {delay_days!r}"
-        )
+        raise ConfigurationError(f"terminal_delay_days must be 0 or more days, got {delay_days!r}")
     return delay
 
 
@@ -575,14 +576,31 @@ def _read_array(state: dict[str, np.ndarray], name: str, dtype: type) -> np.ndar
     return values
 
 
-def _read_lengths(state: dict[str, np.ndarray], prefix: str, key_count: int) -> np.ndarray:
+def _read_keys_and_lengths(
+    state: dict[str, np.ndarray], prefix: str
+) -> tuple[np.ndarray, np.ndarray]:
+    keys = _read_array(state, f"{prefix}_keys", np.int64)
+    if len(np.unique(keys)) != len(keys):
+        raise CheckpointError(f"feature state array '{prefix}_keys' contains duplicate keys")
     lengths = _read_array(state, f"{prefix}_lengths", np.int64)
-    if len(lengths) != key_count or (lengths <= 0).any():
+    if len(lengths) != len(keys) or (lengths <= 0).any():
         raise CheckpointError(
-            f"feature state array '{prefix}_lengths' must hold one positive length per key "
-            f"({key_count} keys), got {len(lengths)} values"
+            f"feature state array '{prefix}_lengths' must contain one positive length per key "
+            f"({len(keys)} keys), got {len(lengths)} values"
         )
-    return lengths
+    return keys, lengths
+
+
+def _read_times(state: dict[str, np.ndarray], prefix: str, lengths: np.ndarray) -> list[array]:
+    name = f"{prefix}_times"
+    times = _read_array(state, name, np.int64)
+    per_key = _split(times, lengths, "q", name)
+    decreasing = np.diff(times) < 0
+    # A decrease where the next key's entries begin is allowed.
+    decreasing[np.cumsum(lengths)[:-1] - 1] = False
+    if decreasing.any():
+        raise CheckpointError(f"feature state array {name!r} is not sorted within each key")
+    return per_key
 
 
 def _split(values: np.ndarray, lengths: np.ndarray, typecode: str, name: str) -> list[array]:
@@ -597,7 +615,5 @@ def _split(values: np.ndarray, lengths: np.ndarray, typecode: str, name: str) ->
 
 
 def _read_time_table(state: dict[str, np.ndarray], prefix: str) -> dict[int, array]:
-    keys = _read_array(state, f"{prefix}_keys", np.int64)
-    lengths = _read_lengths(state, prefix, len(keys))
-    times = _split(_read_array(state, f"{prefix}_times", np.int64), lengths, "q", f"{prefix}_times")
-    return dict(zip(keys.tolist(), times))
+    keys, lengths = _read_keys_and_lengths(state, prefix)
+    return dict(zip(keys.tolist(), _read_times(state, prefix, lengths)))

@@ -24,6 +24,9 @@ from .model import FraudMLP, ModelCheckpoint, save_feature_state, save_model_che
 
 logger = logging.getLogger(__name__)
 
+# Bumped when what pretraining saves changes meaning, so cached source models are rebuilt.
+PRETRAIN_FORMAT_VERSION = 2
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -45,6 +48,8 @@ class PretrainConfig:
 def pretrain(config: PretrainConfig) -> ModelCheckpoint:
     """Train and save the source model; return the checkpoint that was written."""
     torch.manual_seed(config.seed)
+    # One thread: batches of 512 gain little from more, and the demo runs other processes beside it.
+    torch.set_num_threads(1)
     started = time.perf_counter()
     data = load_transactions(list(config.paths), config.start, config.end)
     if len(data["event_time_ms"]) == 0:
@@ -79,6 +84,7 @@ def pretrain(config: PretrainConfig) -> ModelCheckpoint:
         feature_names=list(FEATURE_NAMES),
         metadata={
             "name": config.output.stem,
+            "format_version": PRETRAIN_FORMAT_VERSION,
             "training_period": {"start": config.start, "end": config.end},
             "files": [str(Path(p).resolve()) for p in config.paths],
             "label_delay_days": config.label_delay_days,

@@ -162,6 +162,8 @@ class Updater:
     async def _after_batch(self, records: list, outcome: BatchOutcome) -> None:
         for topic in {r.topic for r in records}:
             self.metrics.events_consumed.labels(topic).inc(sum(1 for r in records if r.topic == topic))
+        if self.pipeline.watermark_ms:
+            self.metrics.event_time_lag.set(self.pipeline.watermark_ms / 1000)
         if outcome.dead_letters:
             await self._send_dead_letters(outcome.dead_letters)
         if outcome.transactions and len(self._probe) < PROBE_ROWS:
@@ -205,7 +207,8 @@ class Updater:
         }
         if offsets:
             await self._consumer.commit(offsets)
-        self.pipeline.prequential_metrics()
+        # In the pipeline thread: the rolling evaluators change while a batch is processed.
+        await self._in_pipeline(self.pipeline.prequential_metrics)
 
     # -- export -------------------------------------------------------------------------------
 
@@ -226,7 +229,6 @@ class Updater:
         started = time.perf_counter()
         try:
             model, offsets, metrics = await self._in_pipeline(self._freeze_for_export)
-            self.pipeline.batches_since_export = 0
             probe = self._probe if len(self._probe) else self._synthetic_probe()
             manifest = await asyncio.get_running_loop().run_in_executor(
                 self._export_thread, self._export_blocking, model, probe, offsets, metrics
@@ -248,6 +250,9 @@ class Updater:
             raise ValueError("live model has non-finite weights; export refused")
         metrics = {k: float(v) for k, v in self.pipeline.prequential_metrics().items() if np.isfinite(v)}
         offsets = {t: {str(p): o for p, o in parts.items()} for t, parts in self.pipeline.offsets.items()}
+        # Reset together with the copy, in the pipeline thread, so that micro-batches trained
+        # after the copy count towards the next export.
+        self.pipeline.batches_since_export = 0
         return self.pipeline.copy_for_export(), offsets, metrics
 
     def _synthetic_probe(self) -> np.ndarray:

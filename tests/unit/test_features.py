@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +68,17 @@ def apply_chunks(
     """Apply each chunk's labels, then its transactions, writing rows of ``features``."""
     for number, chunk in enumerate(chunks):
         labels = chunk.label_rows
-        state.observe_labels(data.event_time_ms[labels], data.terminal_id[labels], data.fraud[labels])
+        state.observe_labels(
+            data.event_time_ms[labels], data.terminal_id[labels], data.fraud[labels]
+        )
         rows = chunk.transaction_rows
         if len(rows) == 0:
             continue
         features[rows] = state.transform_transactions(
-            data.event_time_ms[rows], data.customer_id[rows], data.terminal_id[rows], data.amount[rows]
+            data.event_time_ms[rows],
+            data.customer_id[rows],
+            data.terminal_id[rows],
+            data.amount[rows],
         )
         if prune_every and number % prune_every == 0:
             # Data is sorted by time, so no later transaction is older than this one.
@@ -93,7 +98,7 @@ def replay(
 
 
 def calendar_flags(time_ms: int) -> tuple[float, float]:
-    moment = datetime.fromtimestamp(time_ms / 1000, tz=timezone.utc)
+    moment = datetime.fromtimestamp(time_ms / 1000, tz=UTC)
     return float(moment.weekday() >= 5), float(moment.hour <= 6)
 
 
@@ -121,7 +126,9 @@ def recount_handbook(data: helpers.HandbookTransactions, rows: np.ndarray) -> np
         seen = by_terminal.rows_until(data.terminal_id[row], row)
         seen_times = data.event_time_ms[seen]
         for column, days in ((9, 1), (11, 7), (13, 30)):
-            inside = (seen_times > time - DELAY_MS - days * DAY_MS) & (seen_times <= time - DELAY_MS)
+            inside = (seen_times > time - DELAY_MS - days * DAY_MS) & (
+                seen_times <= time - DELAY_MS
+            )
             count = inside.sum()
             expected[out, column] = count
             expected[out, column + 1] = data.fraud[seen][inside].sum() / count if count else 0.0
@@ -172,15 +179,32 @@ def test_features_match_recount_on_handbook_data(handbook):
 
 def test_features_match_recount_out_of_order():
     for seed in range(6):
-        actual, expected, names = run_random_stream(seed)
-        for column, name in enumerate(names):
+        run = run_random_stream(seed)
+
+        assert run.late_transactions > 0, f"seed={seed}"
+        assert run.frauds > 0, f"seed={seed}"
+        for column, name in enumerate(run.feature_names):
             np.testing.assert_allclose(
-                actual[:, column], expected[:, column], rtol=1e-6, atol=1e-9,
+                run.actual[:, column],
+                run.expected[:, column],
+                rtol=1e-6,
+                atol=1e-9,
                 err_msg=f"seed={seed} feature={name}",
             )
 
 
-def run_random_stream(seed: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+@dataclass
+class RandomRun:
+    """Features of a random stream from FeatureState and from the brute-force recount."""
+
+    actual: np.ndarray
+    expected: np.ndarray
+    feature_names: tuple[str, ...]
+    late_transactions: int  # older than a transaction before them in the stream
+    frauds: int
+
+
+def run_random_stream(seed: int) -> RandomRun:
     """Feed a random stream with late events, ties and 64-bit keys; recount it by brute force.
 
     Times sit on a one-hour grid, so many fall exactly on window boundaries. Windows are
@@ -209,18 +233,24 @@ def run_random_stream(seed: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...
             np.array([applied[index][2] for index in label_picks], dtype=np.int64),
             np.array(labels, dtype=np.int64),
         )
-        frauds += [(applied[index][0], applied[index][2]) for index, label in zip(label_picks, labels) if label]
+        frauds += [
+            (applied[index][0], applied[index][2])
+            for index, label in zip(label_picks, labels)
+            if label
+        ]
 
         batch = []
         for _ in range(int(rng.integers(1, 15))):
             clock += int(rng.integers(0, 3)) * HOUR_MS
             lateness = int(rng.integers(0, 60)) * HOUR_MS if rng.random() < 0.25 else 0
-            batch.append((
-                clock - lateness,
-                int(rng.choice(customer_keys)),
-                int(rng.choice(terminal_keys)),
-                float(np.round(rng.uniform(1, 300), 2)),
-            ))
+            batch.append(
+                (
+                    clock - lateness,
+                    int(rng.choice(customer_keys)),
+                    int(rng.choice(terminal_keys)),
+                    float(np.round(rng.uniform(1, 300), 2)),
+                )
+            )
         actual_rows.append(transform(state, batch))
         for row in batch:
             unlabelled.append(len(applied))
@@ -228,7 +258,14 @@ def run_random_stream(seed: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...
             expected_rows.append(
                 recount_seen(applied, frauds, customer_windows, terminal_windows, DAY_MS)
             )
-    return np.concatenate(actual_rows), np.array(expected_rows), state.feature_names
+    times = np.array([row[0] for row in applied])
+    return RandomRun(
+        actual=np.concatenate(actual_rows),
+        expected=np.array(expected_rows),
+        feature_names=state.feature_names,
+        late_transactions=int((times < np.maximum.accumulate(times)).sum()),
+        frauds=len(frauds),
+    )
 
 
 def recount_seen(
@@ -254,7 +291,9 @@ def recount_seen(
     for window in terminal_windows:
         low, high = time - delay - window, time - delay
         count = ((terminals == terminal) & (times > low) & (times <= high)).sum()
-        fraud_count = ((fraud_terminals == terminal) & (fraud_times > low) & (fraud_times <= high)).sum()
+        fraud_count = (
+            (fraud_terminals == terminal) & (fraud_times > low) & (fraud_times <= high)
+        ).sum()
         values += [count, fraud_count / count if count else 0.0]
     return values
 
@@ -267,7 +306,9 @@ def test_feature_names_default_order():
 
 
 def test_customer_window_ties_in_one_call():
-    features = transform(FeatureState(), [(MONDAY_MS, 1, 9, 10.0), (MONDAY_MS, 1, 9, 20.0), (MONDAY_MS, 1, 9, 60.0)])
+    features = transform(
+        FeatureState(), [(MONDAY_MS, 1, 9, 10.0), (MONDAY_MS, 1, 9, 20.0), (MONDAY_MS, 1, 9, 60.0)]
+    )
 
     assert features[:, COLUMN["customer_count_1d"]].tolist() == [1, 2, 3]
     assert features[:, COLUMN["customer_mean_amount_1d"]].tolist() == [10, 15, 30]
@@ -401,9 +442,9 @@ def test_state_dict_round_trip_continues_identically(handbook, tmp_path):
         second = FeatureState.from_state_dict(dict(saved))
     apply_chunks(second, data, chunks[half:], resumed)
 
-    assert second.num_entries == first.num_entries + 2 * len(data) - 2 * _transactions_in(chunks[:half]) + (
-        _frauds_in(data, chunks[half:])
-    )
+    assert second.num_entries == first.num_entries + 2 * len(data) - 2 * _transactions_in(
+        chunks[:half]
+    ) + (_frauds_in(data, chunks[half:]))
     assert np.array_equal(resumed, uninterrupted)
 
 
@@ -475,10 +516,47 @@ def test_from_state_dict_rejects_inconsistent_lengths():
         FeatureState.from_state_dict(state)
 
 
+def test_from_state_dict_rejects_unsorted_times():
+    original = FeatureState()
+    transform(
+        original,
+        [(MONDAY_MS, 1, 9, 10.0), (MONDAY_MS + 1, 1, 8, 10.0), (MONDAY_MS - 5, 2, 8, 10.0)],
+    )
+    state = original.state_dict()
+    assert state["customer_times"].tolist() == [MONDAY_MS, MONDAY_MS + 1, MONDAY_MS - 5]
+    state["customer_times"] = state["customer_times"][[1, 0, 2]]
+
+    with pytest.raises(CheckpointError, match="'customer_times' is not sorted"):
+        FeatureState.from_state_dict(state)
+
+
+def test_from_state_dict_accepts_decrease_between_keys():
+    original = FeatureState()
+    transform(original, [(MONDAY_MS, 1, 9, 10.0), (MONDAY_MS - 5, 2, 8, 10.0)])
+
+    restored = FeatureState.from_state_dict(original.state_dict())
+
+    assert restored.num_entries == original.num_entries
+
+
+def test_from_state_dict_rejects_duplicate_keys():
+    original = FeatureState()
+    transform(original, [(MONDAY_MS, 1, 9, 10.0), (MONDAY_MS, 2, 8, 10.0)])
+    state = original.state_dict()
+    state["terminal_keys"] = np.array([9, 9], dtype=np.int64)
+
+    with pytest.raises(CheckpointError, match="duplicate keys"):
+        FeatureState.from_state_dict(state)
+
+
 def test_prune_keeps_features_identical(handbook):
     # Short windows, so that 10 days of data reach far beyond what windows cover.
     data = _first_days(handbook, days=10)
-    options = {"customer_windows_days": (0.5, 2), "terminal_windows_days": (1, 2), "terminal_delay_days": 1}
+    options = {
+        "customer_windows_days": (0.5, 2),
+        "terminal_windows_days": (1, 2),
+        "terminal_delay_days": 1,
+    }
 
     unpruned, unpruned_state = replay(data, chunk_events=400, **options)
     pruned, pruned_state = replay(data, chunk_events=400, prune_every=10, **options)
@@ -504,7 +582,9 @@ def test_prune_terminal_horizon_is_exact():
     pruned, unpruned = FeatureState(), FeatureState()
     for state in (pruned, unpruned):
         transform(state, [(MONDAY_MS, 1, 9, 10.0), (MONDAY_MS + 1, 2, 9, 20.0)])
-        state.observe_labels(np.array([MONDAY_MS, MONDAY_MS + 1]), np.array([9, 9]), np.array([1, 1]))
+        state.observe_labels(
+            np.array([MONDAY_MS, MONDAY_MS + 1]), np.array([9, 9]), np.array([1, 1])
+        )
     watermark = MONDAY_MS + DELAY_MS + 30 * DAY_MS
 
     pruned.prune(watermark)
@@ -571,12 +651,19 @@ def test_num_keys_and_entries_count_tables():
 
 def test_transform_does_not_mutate_inputs(handbook):
     data = _first_days(handbook, days=1)
-    inputs = [data.event_time_ms.copy(), data.customer_id.copy(), data.terminal_id.copy(), data.amount.copy()]
+    inputs = [
+        data.event_time_ms.copy(),
+        data.customer_id.copy(),
+        data.terminal_id.copy(),
+        data.amount.copy(),
+    ]
     originals = [values.copy() for values in inputs]
 
     FeatureState().transform_transactions(*inputs)
 
-    for name, values, original in zip(("time", "customer", "terminal", "amount"), inputs, originals):
+    for name, values, original in zip(
+        ("time", "customer", "terminal", "amount"), inputs, originals
+    ):
         assert np.array_equal(values, original), name
 
 
@@ -592,7 +679,10 @@ def test_observe_labels_does_not_mutate_inputs():
 
 def test_transform_empty_batch():
     features = FeatureState().transform_transactions(
-        np.array([], np.int64), np.array([], np.int64), np.array([], np.int64), np.array([], np.float64)
+        np.array([], np.int64),
+        np.array([], np.int64),
+        np.array([], np.int64),
+        np.array([], np.float64),
     )
 
     assert features.shape == (0, 15)
@@ -601,7 +691,10 @@ def test_transform_empty_batch():
 
 def test_transform_accepts_other_integer_dtypes():
     features = FeatureState().transform_transactions(
-        np.array([MONDAY_MS], np.uint64), np.array([1], np.int32), np.array([9], np.uint16), np.array([5], np.int64)
+        np.array([MONDAY_MS], np.uint64),
+        np.array([1], np.int32),
+        np.array([9], np.uint16),
+        np.array([5], np.int64),
     )
 
     assert features[0, COLUMN["amount"]] == 5
@@ -631,7 +724,9 @@ def test_transform_rejects_invalid_input(arrays, message):
 
 def test_observe_labels_rejects_non_binary_label():
     with pytest.raises(FeatureInputError, match="label must be 0 or 1, got 2"):
-        FeatureState().observe_labels(np.array([MONDAY_MS, MONDAY_MS]), np.array([9, 9]), np.array([1, 2]))
+        FeatureState().observe_labels(
+            np.array([MONDAY_MS, MONDAY_MS]), np.array([9, 9]), np.array([1, 2])
+        )
 
 
 @pytest.mark.parametrize(
