@@ -92,6 +92,7 @@ async def bench_kafka(settings: Settings, served, transactions: int, full: bool)
             if full and records:
                 scored, letters = await loop.run_in_executor(None, w._process, records)
                 await w._publish(scored, letters)
+        await w._await_inflight()
     finally:
         await consumer.stop()
         await w._producer.stop()

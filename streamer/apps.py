@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from .errors import ConfigurationError
 from .inference import InferenceWorker
-from .kafka import faust_broker_settings
+from .kafka import ensure_topics, faust_broker_settings
 from .metrics import InferenceMetrics, UpdaterMetrics, serve_metrics
 from .model import load_feature_state, load_model_checkpoint
 from .settings import Settings
@@ -61,8 +61,16 @@ def _watch(task: asyncio.Task, service: mode.Service) -> None:
     task.add_done_callback(done)
 
 
+async def _create_missing_topics(settings: Settings) -> None:
+    # A worker may start before `streamer replay` creates the topics. A topic created by a
+    # client's first request gets the broker's defaults, so model-snapshots could have several
+    # partitions and no compaction. The inference worker reads partition 0 only, so it would
+    # never receive an announcement whose key hashes to another partition.
+    await ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
+
+
 def create_updater_app(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
-    """A faust app whose worker runs the model updater."""
+    """Create a faust app whose worker runs the model updater."""
     app = _base_app(f"{settings.consumer_group_prefix}-updater-app", settings)
     registry = registry or CollectorRegistry()
 
@@ -77,6 +85,7 @@ def create_updater_app(settings: Settings, registry: CollectorRegistry | None = 
             features = load_feature_state(settings.source_checkpoint, source)
             metrics = UpdaterMetrics(registry)
             serve_metrics(registry, settings.metrics_host, settings.updater_metrics_port)
+            await _create_missing_topics(settings)
             self.updater = Updater(settings, source, metrics, features)
             await self.updater.start()
             _watch(self.updater._task, self)
@@ -89,7 +98,7 @@ def create_updater_app(settings: Settings, registry: CollectorRegistry | None = 
 
 
 def create_inference_app(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
-    """A faust app whose worker runs the inference worker."""
+    """Create a faust app whose worker runs the inference worker."""
     app = _base_app(f"{settings.consumer_group_prefix}-inference-app", settings)
     registry = registry or CollectorRegistry()
 
@@ -104,6 +113,7 @@ def create_inference_app(settings: Settings, registry: CollectorRegistry | None 
                 features = load_feature_state(settings.source_checkpoint, load_model_checkpoint(settings.source_checkpoint))
             metrics = InferenceMetrics(registry)
             serve_metrics(registry, settings.metrics_host, settings.inference_metrics_port)
+            await _create_missing_topics(settings)
             self.worker = InferenceWorker(settings, metrics, initial_features=features)
             await self.worker.start()
             for task in self.worker._tasks:

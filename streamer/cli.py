@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--end", default="2018-07-01", help="last day, exclusive (ISO date)")
     pre.add_argument("--output", type=Path, default=Path("streamer-data/models/source.pt"))
     pre.add_argument("--label-delay-days", type=float, default=7.0)
-    pre.add_argument("--epochs", type=int, default=4)
+    pre.add_argument("--epochs", type=int, default=10)
     pre.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     pre.set_defaults(func=_cmd_pretrain)
 

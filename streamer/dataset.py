@@ -1,4 +1,4 @@
-"""Offline access to handbook-schema transaction files, and their features as the stream sees them.
+"""Offline access to handbook-schema transaction files, and their features as the stream computes them.
 
 Used by `streamer pretrain` and by benchmarks and tests; the streaming workers never read files.
 """

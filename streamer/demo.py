@@ -59,7 +59,7 @@ class DemoConfig:
 
 
 def _reusable_source(path: Path, config: DemoConfig) -> ModelCheckpoint | None:
-    """The source model of an earlier run, if it was trained on the same period of the same files."""
+    """Return the source model of an earlier run if it was trained on the same period of the same files."""
     try:
         checkpoint = load_model_checkpoint(path)
     except StreamerError:
@@ -78,7 +78,7 @@ def _free_port() -> int:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """Read a metrics endpoint into {"name{label=value,...}": value}; {} if it does not answer."""
+    """Read a metrics endpoint into {"name{label=value,...}": value}, or {} if it is unreachable."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
             text = response.read().decode()
@@ -150,7 +150,8 @@ def run_demo(config: DemoConfig, settings: Settings) -> int:
     shutil.rmtree(data_dir, ignore_errors=True)  # every run starts from the source model
     settings = settings.replace(data_dir=data_dir, consumer_group_prefix=f"demo-{int(time.time())}")
     started = time.monotonic()
-    with graceful_signals():
+    # SIGINT too: a demo started in the background of a script inherits SIGINT as ignored.
+    with graceful_signals((signal.SIGTERM, signal.SIGINT)):
         if settings.kafka_bootstrap:
             return _run(config, settings, work, started)
         with EmbeddedBroker() as broker:

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 POLL_TIMEOUT_MS = 200
 MAX_RECORDS_PER_POLL = 4000
 COMMIT_INTERVAL_SECONDS = 1.0
+# Produce requests (score batches and dead letters) allowed in flight before waiting for acks.
+MAX_INFLIGHT_SENDS = 64
 
 
 class InferenceWorker:
@@ -63,6 +65,7 @@ class InferenceWorker:
         self._model_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._last_commit = time.monotonic()
+        self._inflight: list[asyncio.Future] = []
         self.scored = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -244,13 +247,21 @@ class InferenceWorker:
             futures.append(await self._producer.send(
                 self.settings.topics.dead_letter, letter.value, key=letter.key, headers=letter.headers(self.worker_id)
             ))
-        # Offsets are committed only after these are acknowledged (at-least-once scoring).
-        await asyncio.gather(*futures)
+        # Acknowledgements are awaited before the next commit, not here, so that scoring the
+        # next poll overlaps the broker round trip (at-least-once: commit after ack).
+        self._inflight.extend(futures)
+        if len(self._inflight) > MAX_INFLIGHT_SENDS:
+            await self._await_inflight()
         self.scored += len(scored)
         self.metrics.scored.inc(len(scored))
 
+    async def _await_inflight(self) -> None:
+        inflight, self._inflight = self._inflight, []
+        await asyncio.gather(*inflight)
+
     async def _commit(self) -> None:
         self._last_commit = time.monotonic()
+        await self._await_inflight()
         try:
             await self._consumer.commit()
         except Exception as exc:  # a commit during a rebalance fails; the next one covers it

@@ -44,7 +44,7 @@ class Joined:
 
 @dataclass
 class JoinCounts:
-    """What happened to the events of one call, for metrics and logs."""
+    """Counts of what one call did with its events, for metrics and logs."""
 
     joined: int = 0
     early_labels: int = 0  # labels held because their transaction has not been seen yet
@@ -55,6 +55,7 @@ class JoinCounts:
     expired_dropped: int = 0
     orphan_labels: int = 0  # early labels whose transaction never came before the deadline
     conflicting_transaction_ids: list[int] = field(default_factory=list)
+    conflicting_positions: list[int] = field(default_factory=list)  # positions in the add_labels input
 
 
 class LabelJoin:
@@ -151,7 +152,9 @@ class LabelJoin:
         counts = JoinCounts()
         taken_slots, taken_labels = [], []
         slot_of, joined = self._slot_of, self._joined
-        for tx_id, value, when in zip(transaction_id.tolist(), label.tolist(), label_time_ms.tolist()):
+        for position, (tx_id, value, when) in enumerate(
+            zip(transaction_id.tolist(), label.tolist(), label_time_ms.tolist())
+        ):
             slot = slot_of.pop(tx_id, None)
             if slot is not None:
                 taken_slots.append(slot)
@@ -169,6 +172,7 @@ class LabelJoin:
             else:
                 counts.conflicting_labels += 1
                 counts.conflicting_transaction_ids.append(tx_id)
+                counts.conflicting_positions.append(position)
         result = self._take(np.asarray(taken_slots, dtype=np.int64), np.asarray(taken_labels, dtype=np.int8))
         counts.joined = len(result)
         return result, counts
@@ -261,38 +265,50 @@ class LabelGate:
     def __init__(self) -> None:
         self._arrays = {name: np.zeros(0, dtype=dtype) for name, dtype in self._FIELDS.items()}
         self._values = np.zeros(0, dtype=object)
+        self._keys = np.zeros(0, dtype=object)
 
     def __len__(self) -> int:
         return len(self._values)
 
-    def add(self, columns: dict[str, np.ndarray], values: list[bytes]) -> None:
+    def add(self, columns: dict[str, np.ndarray], values: list[bytes], keys: list[bytes | None] | None = None) -> None:
         for name, dtype in self._FIELDS.items():
             self._arrays[name] = np.concatenate([self._arrays[name], np.asarray(columns[name], dtype=dtype)])
         extra = np.empty(len(values), dtype=object)
         extra[:] = values
         self._values = np.concatenate([self._values, extra])
+        keys_extra = np.empty(len(values), dtype=object)
+        keys_extra[:] = keys if keys is not None else [None] * len(values)
+        self._keys = np.concatenate([self._keys, keys_extra])
 
-    def release(self, watermark_ms: int | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Remove and return the labels with event time <= watermark (all of them for None)."""
+    def release(self, watermark_ms: int | None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Remove and return (columns, values, keys) of the labels with event time <= watermark (all for None)."""
         if watermark_ms is None:
             ready = np.ones(len(self), dtype=bool)
         else:
             ready = self._arrays["event_time_ms"] <= watermark_ms
         out = {name: arr[ready] for name, arr in self._arrays.items()}
-        values = self._values[ready]
+        values, keys = self._values[ready], self._keys[ready]
         if ready.any():
             self._arrays = {name: arr[~ready] for name, arr in self._arrays.items()}
             self._values = self._values[~ready]
-        return out, values
+            self._keys = self._keys[~ready]
+        return out, values, keys
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = {f"gate_{name}": arr.copy() for name, arr in self._arrays.items()}
         # Fixed-width bytes keep the archive free of pickled objects.
         state["gate_values"] = np.array(list(self._values), dtype=bytes) if len(self) else np.zeros(0, dtype="S1")
+        # A missing key is stored as b"" with has_key False.
+        state["gate_keys"] = np.array([k or b"" for k in self._keys], dtype=bytes) if len(self) else np.zeros(0, dtype="S1")
+        state["gate_has_key"] = np.array([k is not None for k in self._keys], dtype=bool)
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         columns = {name: state[f"gate_{name}"] for name in self._FIELDS}
         self._arrays = {name: np.zeros(0, dtype=dtype) for name, dtype in self._FIELDS.items()}
         self._values = np.zeros(0, dtype=object)
-        self.add(columns, [bytes(v) for v in state["gate_values"]])
+        self._keys = np.zeros(0, dtype=object)
+        keys = None
+        if "gate_keys" in state:
+            keys = [bytes(k) if has else None for k, has in zip(state["gate_keys"], state["gate_has_key"])]
+        self.add(columns, [bytes(v) for v in state["gate_values"]], keys)

@@ -1,8 +1,8 @@
 """The fraud model (a small MLP with built-in feature normalisation) and its checkpoint file.
 
-A model checkpoint is two files: ``NAME.pt`` holds tensors and plain values only and is
+A model checkpoint is two files: ``NAME.pt`` contains tensors and plain values only and is
 loaded with ``torch.load(weights_only=True)``, so it can never run code; ``NAME.json``
-holds the metadata and the SHA-256 of ``NAME.pt``, which is checked before loading.
+contains the metadata and the SHA-256 of ``NAME.pt``, which is checked before loading.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def load_model_checkpoint(path: Path) -> ModelCheckpoint:
     actual = file_sha256(path)
     if actual != meta.get("sha256"):
         raise CheckpointError(
-            f"model weights {path} have SHA-256 {actual[:12]}…, metadata says {str(meta.get('sha256'))[:12]}…; "
+            f"model weights {path} have SHA-256 {actual[:12]}…, metadata expects {str(meta.get('sha256'))[:12]}…; "
             "the file is corrupt or was replaced: re-run `streamer pretrain`"
         )
     try:

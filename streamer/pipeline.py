@@ -1,6 +1,6 @@
 """The updater's per-batch processing: decode, features, label join, prequential scoring, training.
 
-`UpdaterPipeline` is synchronous and knows nothing about Kafka beyond record fields, so it
+`UpdaterPipeline` is synchronous and uses nothing of Kafka beyond record fields, so it
 runs in one worker thread (keeping the event loop free) and in benchmarks and tests
 without a broker. Every method is called from that one thread.
 
@@ -43,7 +43,7 @@ PRUNE_EVERY_MS = 86_400_000
 
 @dataclass
 class BatchOutcome:
-    """What one call of `process` did; the service turns it into records, commits and exports."""
+    """Result of one `process` call: the dead letters to produce and the micro-batches trained."""
 
     transactions: int = 0
     labels: int = 0
@@ -107,7 +107,7 @@ class UpdaterPipeline:
         """Process consumer records (objects with topic, partition, offset, key, value) of both topics.
 
         ``next_offsets`` maps (topic, partition) to the offset after the last record of this
-        batch; the consumer knows it per partition, which saves a pass over the records.
+        batch. The consumer has it per partition, which saves a pass over the records.
         """
         outcome = BatchOutcome()
         topics = self.settings.topics
@@ -143,22 +143,20 @@ class UpdaterPipeline:
                 "offset": np.fromiter((r.offset for r in valid), np.int64, len(valid)),
             },
             [r.value for r in valid],
+            [r.key for r in valid],
         )
 
     def _release_labels(self, outcome: BatchOutcome, watermark_ms: int | None) -> None:
         """Join the labels whose event time the transactions have reached (all of them for None)."""
-        columns, values = self.gate.release(watermark_ms)
+        columns, values, keys = self.gate.release(watermark_ms)
         if not len(values):
             return
         joined, counts = self.join.add_labels(columns["transaction_id"], columns["label"], columns["event_time_ms"])
-        if counts.conflicting_transaction_ids:
-            conflicting = set(counts.conflicting_transaction_ids)
-            for i, tx_id in enumerate(columns["transaction_id"].tolist()):
-                if tx_id in conflicting:
-                    outcome.dead_letters.append(DeadLetter(
-                        self.settings.topics.labels, int(columns["partition"][i]), int(columns["offset"][i]),
-                        None, bytes(values[i]), "label contradicts an earlier label for this transaction",
-                    ))
+        for i in counts.conflicting_positions:
+            outcome.dead_letters.append(DeadLetter(
+                self.settings.topics.labels, int(columns["partition"][i]), int(columns["offset"][i]),
+                keys[i], bytes(values[i]), "label contradicts an earlier label for this transaction",
+            ))
         self._count_join(counts)
         self._accept_joined(joined)
 
@@ -321,7 +319,7 @@ class UpdaterPipeline:
         return values
 
     def copy_for_export(self) -> ScoreModule:
-        """A frozen copy of the live model in its serving form, safe to export from another thread."""
+        """Return a frozen copy of the live model in its serving form, safe to export from another thread."""
         model = copy.deepcopy(self.trainer.model).eval()
         for param in model.parameters():
             param.requires_grad_(False)

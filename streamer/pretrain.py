@@ -1,7 +1,7 @@
 """`streamer pretrain`: train the source model offline on a period of the data.
 
 The features come from the same `FeatureState` the workers use, fed in stream order with
-labels arriving after the label delay, so the source model sees what the stream will show.
+labels arriving after the label delay, so the source model is trained on what the stream will show.
 The last ``validation_days`` of the period are held out for the metrics in the checkpoint.
 """
 
@@ -38,7 +38,7 @@ class PretrainConfig:
     output: Path
     label_delay_days: float = 7.0
     validation_days: int = 7
-    epochs: int = 4
+    epochs: int = 10  # validation AP 0.727 after 4 epochs, 0.746 after 10 (April-June, one run each)
     batch_size: int = 512
     learning_rate: float = 1e-3
     hidden: tuple[int, ...] = (64, 32)

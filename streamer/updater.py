@@ -1,8 +1,8 @@
 """The updater worker: Kafka in, fine-tuned model, checkpoints and ONNX snapshots out.
 
-Why a raw aiokafka consumer inside the faust worker rather than a faust agent: an agent
-hands events over one at a time (about 10 k events/s on one core here), while the
-updater must reach 50 k transactions/s with their labels; `getmany()` delivers whole
+The worker uses a raw aiokafka consumer inside the faust worker rather than a faust agent.
+An agent hands events over one at a time (about 10 k events/s on one core here), while
+the updater must reach 50 k transactions/s with their labels. `getmany()` delivers whole
 batches that are decoded, featurised and trained on as arrays. faust still runs the
 worker (CLI, signals, logging, lifecycle). Offsets are committed by hand, only after the
 checkpoint that includes their events.
@@ -247,7 +247,7 @@ class Updater:
 
     def _freeze_for_export(self):
         if not self.pipeline.trainer.weights_finite():
-            raise ValueError("live model has non-finite weights; export refused")
+            raise ValueError("live model has non-finite weights; export rejected")
         metrics = {k: float(v) for k, v in self.pipeline.prequential_metrics().items() if np.isfinite(v)}
         offsets = {t: {str(p): o for p, o in parts.items()} for t, parts in self.pipeline.offsets.items()}
         # Reset together with the copy, in the pipeline thread, so that micro-batches trained

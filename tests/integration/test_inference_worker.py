@@ -1,8 +1,8 @@
 """The inference worker in-process against the session's broker, on real July transactions.
 
 One module-scoped scenario announces snapshot v1, starts the worker, and replays three
-chunks of July transactions: the first is scored by v1; v2 is announced before the
-second; corrupt announcements of v3 come before the third, which v2 must still score.
+chunks of July transactions. v1 scores the first chunk. v2 is announced before the
+second chunk, and corrupt announcements of v3 before the third, which v2 must still score.
 The tests assert on the fraud-scores and dead-letter topics and on the worker's metrics
 from a fresh registry.
 """
@@ -419,3 +419,4 @@ def test_dead_letters_name_the_inference_worker(scenario: Scenario):
 def test_invalid_transactions_counted(scenario: Scenario):
     topic = scenario.settings.topics.transactions
     assert scenario.sample("streamer_invalid_events_total", {"topic": topic}) == len(INVALID_TRANSACTIONS)
+
