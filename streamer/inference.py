@@ -107,9 +107,11 @@ class InferenceWorker:
     async def _follow_snapshots(self) -> None:
         while not self._stopping.is_set():
             batches = await self._snapshots.getmany(timeout_ms=POLL_TIMEOUT_MS)
-            records = [r for part in batches.values() for r in part]
-            if records:
-                await self._consider(records[-1].value)  # compacted topic of one key: the newest wins
+            key = self.settings.model_name.encode()
+            # Several models may share the topic: only this model's newest announcement counts.
+            mine = [r for part in batches.values() for r in part if r.key == key]
+            if mine:
+                await self._consider(mine[-1].value)
 
     async def _consider(self, value: bytes) -> None:
         try:

@@ -113,16 +113,24 @@ class Updater:
     async def stop(self) -> None:
         """Stop consuming, finish the current batch, write a final checkpoint, commit, disconnect."""
         self._stopping.set()
+        loop_failed = False
         if self._task is not None:
-            await self._task
+            try:
+                await self._task
+            except Exception:
+                # The state may be half-way through a batch: keep the last good checkpoint.
+                loop_failed = True
+                logger.exception("updater loop had failed; stopping without a final checkpoint")
         if self._export_task is not None:
             await self._export_task
-        if self.started:
-            await self.checkpoint()
-            await self._in_pipeline(self._save_prequential_log)
-        for client in (self._consumer, self._producer):
-            if client is not None:
-                await client.stop()
+        try:
+            if self.started and not loop_failed:
+                await self.checkpoint()
+                await self._in_pipeline(self._save_prequential_log)
+        finally:
+            for client in (self._consumer, self._producer):
+                if client is not None:
+                    await client.stop()
         self._pipeline_thread.shutdown()
         self._export_thread.shutdown()
         logger.info("updater stopped counters=%s", self.pipeline.counters)

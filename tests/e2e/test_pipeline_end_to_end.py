@@ -324,7 +324,8 @@ def pipeline_run(settings_factory, handbook_dir: Path, tmp_path_factory: pytest.
         topics=settings.topics, store=store, replay_code=replay_code,
         replayed_ids=[row.transaction_id for _, row in zip(range(REPLAY_TRANSACTIONS), rows)],
         metric_text=metric_text, metric_values=metric_values, listening=listening,
-        metric_ports={name: worker.port for name, worker in workers.items()}, exit_codes=exit_codes, leftover_processes=leftovers,
+        metric_ports={name: worker.port for name, worker in workers.items()},
+        exit_codes=exit_codes, leftover_processes=leftovers,
         logs={name: worker.log_text() for name, worker in workers.items()},
         scores=asyncio.run(read_topic(settings, settings.topics.fraud_scores)),
     )

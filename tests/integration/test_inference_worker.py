@@ -154,9 +154,12 @@ def corrupt_announcements(snapshot: Snapshot) -> list[tuple[str, bytes]]:
     flipped_bytes[len(flipped_bytes) // 2] ^= 0xFF
     flipped = dict(data, onnx_base64=base64.b64encode(bytes(flipped_bytes)).decode())
     missing_file = dict(data, onnx_base64=None, store_path=str(Path(data["store_path"]).with_name("missing.onnx")))
+    # Intact bytes under a wrong digest: only the SHA-256 check can reject this one.
+    wrong_digest = dict(data, manifest=dict(data["manifest"], sha256="0" * 64))
     return [
         ("invalid_snapshot", json.dumps(truncated).encode()),
         ("invalid_snapshot", json.dumps(flipped).encode()),
+        ("invalid_snapshot", json.dumps(wrong_digest).encode()),
         ("invalid_snapshot", json.dumps(missing_file).encode()),
         ("invalid_announcement", b'{"manifest": {"version": 3}}'),
     ]
