@@ -177,6 +177,9 @@ class InferenceWorker:
         topics = self.settings.topics
         letters: list[DeadLetter] = []
         label_records = [r for r in records if r.topic == topics.labels]
+        # NOTE: labels apply at once, without the updater's event-time gate. The features still
+        # match the updater's for label delays up to the 7-day terminal delay, because a
+        # terminal window never reaches a label that recent; a longer delay can differ.
         if label_records:
             labels = decode_labels([r.value for r in label_records])
             letters += [dead_letter_from(label_records[b.index], b.reason) for b in labels.rejected]
