@@ -77,6 +77,7 @@ class Updater:
         self._task: asyncio.Task | None = None
         self._export_task: asyncio.Task | None = None
         self._last_checkpoint = time.monotonic()
+        self._checkpointed_position: tuple | None = None
         self._last_export = time.monotonic()
         self._probe = np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
         self.started = False
@@ -200,10 +201,14 @@ class Updater:
     async def checkpoint(self) -> None:
         """Write a checkpoint, then commit the offsets it includes (never before)."""
         started = time.perf_counter()
+        self._last_checkpoint = time.monotonic()
+        position = (self.pipeline.counters["microbatches"], repr(self.pipeline.offsets), self.pipeline.served_version)
+        if position == self._checkpointed_position:
+            return  # nothing consumed, trained or exported since the last checkpoint
         meta = {"last_exported_version": self.pipeline.served_version}
         data = await self._in_pipeline(self.pipeline.checkpoint_data, meta)
         await self._in_pipeline(self.checkpoints.save, data)
-        self._last_checkpoint = time.monotonic()
+        self._checkpointed_position = position
         self.metrics.checkpoints.inc()
         self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
         assigned = self._consumer.assignment() if self._consumer is not None else set()
