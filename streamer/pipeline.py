@@ -12,7 +12,6 @@ go first.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from .events import decode_labels, decode_transactions
 from .features import FEATURE_NAMES, FeatureState
 from .labeljoin import Joined, JoinCounts, LabelGate, LabelJoin
 from .metrics import UpdaterMetrics
-from .model import FraudMLP, ModelCheckpoint, ScoreModule
+from .model import FraudMLP, ModelCheckpoint
 from .settings import Settings
 from .trainer import MicroBatchTrainer, StepResult, score_with
 from .transfer import build_target
@@ -317,13 +316,6 @@ class UpdaterPipeline:
                 if np.isfinite(ap):
                     self.metrics.prequential_ap.labels(model).set(ap)
         return values
-
-    def copy_for_export(self) -> ScoreModule:
-        """Return a frozen copy of the live model in its serving form, safe to export from another thread."""
-        model = copy.deepcopy(self.trainer.model).eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
-        return ScoreModule(model)
 
     def checkpoint_data(self, extra_meta: dict) -> CheckpointData:
         meta = {

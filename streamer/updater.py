@@ -7,10 +7,11 @@ batches that are decoded, featurised and trained on as arrays. faust still runs 
 worker (CLI, signals, logging, lifecycle). Offsets are committed by hand, only after the
 checkpoint that includes their events.
 
-Threads: the event loop polls, produces and commits; one pipeline thread owns all model
-and feature state (`UpdaterPipeline`); one export thread turns frozen model copies into
-snapshots. The event loop never runs model code, so heartbeats keep flowing during long
-micro-batches.
+Threads: the event loop polls, produces and commits. One pipeline thread owns all model
+and feature state (`UpdaterPipeline`). A child process exports weight copies to ONNX (see
+`streamer.export_process` for why not a thread), and one thread writes them to the
+snapshot store. The event loop never runs model code, so heartbeats keep flowing during
+long micro-batches.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from pathlib import Path
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
-from exporters import SnapshotStore, encode_announcement, export_onnx
+from exporters import SnapshotStore, encode_announcement
 
 from .checkpoint import CheckpointStore
 from .deadletter import DeadLetter
+from .export_process import export_pool, export_serialised, serialise_model
 from .features import FEATURE_NAMES
 from .kafka import consumer_kwargs, producer_kwargs
 from .metrics import UpdaterMetrics
@@ -71,6 +73,7 @@ class Updater:
         self.store = SnapshotStore(settings.snapshot_dir, settings.model_name, settings.snapshot_retention)
         self._pipeline_thread = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
         self._export_thread = ThreadPoolExecutor(1, thread_name_prefix="export")
+        self._export_process = export_pool()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._stopping = asyncio.Event()
@@ -134,6 +137,7 @@ class Updater:
                     await client.stop()
         self._pipeline_thread.shutdown()
         self._export_thread.shutdown()
+        self._export_process.shutdown(cancel_futures=True)
         logger.info("updater stopped counters=%s", self.pipeline.counters)
 
     def _save_prequential_log(self) -> Path:
@@ -237,15 +241,15 @@ class Updater:
             self._export_task = asyncio.create_task(self._export("scheduled"))
 
     async def _export(self, why: str) -> None:
-        """Export the live model: copy (pipeline thread), ONNX and store (export thread), announce."""
+        """Export the live model: copy (pipeline thread), ONNX (export process), store (export thread), announce."""
         self._last_export = time.monotonic()
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
         try:
-            model, offsets, metrics = await self._in_pipeline(self._freeze_for_export)
+            model_bytes, offsets, metrics = await self._in_pipeline(self._freeze_for_export)
             probe = self._probe if len(self._probe) else self._synthetic_probe()
-            manifest = await asyncio.get_running_loop().run_in_executor(
-                self._export_thread, self._export_blocking, model, probe, offsets, metrics
-            )
+            result = await loop.run_in_executor(self._export_process, export_serialised, model_bytes, probe)
+            manifest = await loop.run_in_executor(self._export_thread, self._publish, result, offsets, metrics)
         except Exception:
             self.metrics.export_failures.inc()
             logger.exception("snapshot export failed model=%s; the previous snapshot keeps serving", self.settings.model_name)
@@ -266,7 +270,7 @@ class Updater:
         # Reset together with the copy, in the pipeline thread, so that micro-batches trained
         # after the copy count towards the next export.
         self.pipeline.batches_since_export = 0
-        return self.pipeline.copy_for_export(), offsets, metrics
+        return serialise_model(self.pipeline.trainer.model), offsets, metrics
 
     def _synthetic_probe(self) -> np.ndarray:
         model = self.pipeline.source_model
@@ -274,8 +278,7 @@ class Updater:
         noise = rng.standard_normal((PROBE_ROWS, len(FEATURE_NAMES))).astype(np.float32)
         return noise * model.feature_std.numpy() + model.feature_mean.numpy()
 
-    def _export_blocking(self, model, probe, offsets, metrics):
-        result = export_onnx(model, probe)
+    def _publish(self, result, offsets, metrics):
         source = self.pipeline.source
         return self.store.publish(
             result,
