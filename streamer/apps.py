@@ -71,6 +71,9 @@ async def _create_missing_topics(settings: Settings) -> None:
 
 def create_updater_app(settings: Settings, registry: CollectorRegistry | None = None) -> faust.App:
     """Create a faust app whose worker runs the model updater."""
+    if settings.source_checkpoint is None:
+        raise ConfigurationError("no source model: set STREAMER_SOURCE_CHECKPOINT or pass --source")
+    load_model_checkpoint(settings.source_checkpoint)  # fail before connecting if it is missing or corrupt
     app = _base_app(f"{settings.consumer_group_prefix}-updater-app", settings)
     registry = registry or CollectorRegistry()
 

@@ -57,6 +57,8 @@ def _data_files(given: list[Path]) -> list[Path]:
     """Expand folders into their sorted *.csv / *.csv.gz files."""
     files: list[Path] = []
     for path in given or [DEFAULT_DATA]:
+        if not path.exists():
+            raise StreamerError(f"input {path} not found; give handbook CSV files or a folder of them")
         if path.is_dir():
             files += sorted(p for p in path.iterdir() if p.name.endswith((".csv", ".csv.gz")))
         else:
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="pretrain, then replay July-August through both workers, and report")
-    demo.add_argument("files", nargs="*", type=Path, help="handbook CSV files or folders (default: the bundled data)")
+    demo.add_argument("files", nargs="*", type=Path, help=f"handbook CSV files or folders (default: {DEFAULT_DATA})")
     demo.add_argument("--work-dir", type=Path, default=Path("streamer-demo"), help="output folder (default streamer-demo)")
     demo.add_argument("--limit", type=int, help="replay at most this many transactions (for a quick look)")
     demo.add_argument("--pretrain-start", default="2018-04-01")
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     broker = sub.add_parser("broker", help="run the embedded Kafka-wire broker on 127.0.0.1 until Ctrl-C")
-    _common(broker)
+    broker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     broker.set_defaults(func=_cmd_broker)
 
     rep = sub.add_parser("replay", help="produce CSV transactions and delayed labels to Kafka")
@@ -138,12 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=lambda a: replay.run(a, _settings(a)))
 
     pre = sub.add_parser("pretrain", help="train the source model offline on a period of the data")
-    pre.add_argument("files", nargs="*", type=Path, help="handbook CSV files or folders")
+    pre.add_argument("files", nargs="*", type=Path, help=f"handbook CSV files or folders (default: {DEFAULT_DATA})")
     pre.add_argument("--start", default="2018-04-01", help="first day, inclusive (ISO date)")
     pre.add_argument("--end", default="2018-07-01", help="last day, exclusive (ISO date)")
-    pre.add_argument("--output", type=Path, default=Path("streamer-data/models/source.pt"))
-    pre.add_argument("--label-delay-days", type=float, default=7.0)
-    pre.add_argument("--epochs", type=int, default=10)
+    pre.add_argument("--output", type=Path, default=Path("streamer-data/models/source.pt"),
+                     help="checkpoint to write; NAME.json and NAME.features.npz go beside it "
+                          "(default: %(default)s)")
+    pre.add_argument("--label-delay-days", type=float, default=7.0,
+                     help="event-time days between a transaction and its label (default: %(default)s)")
+    pre.add_argument("--epochs", type=int, default=10, help="passes over the training period (default: %(default)s)")
     pre.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     pre.set_defaults(func=_cmd_pretrain)
 
@@ -153,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     upd.set_defaults(func=_cmd_update)
 
     srv = sub.add_parser("serve", help="run the inference worker (a faust worker)")
+    srv.add_argument("--source", type=Path, help="source model checkpoint whose feature state the worker starts "
+                                                 "from (env STREAMER_SOURCE_CHECKPOINT)")
     _common(srv)
     srv.set_defaults(func=_cmd_serve)
     return parser

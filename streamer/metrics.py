@@ -55,7 +55,9 @@ class UpdaterMetrics(IngestMetrics):
             ["reason"],
             registry=r,
         )
-        self.pending_labels = Gauge("streamer_pending_labels", "Transactions waiting for their label.", registry=r)
+        self.pending_labels = Gauge(
+            "streamer_pending_labels", "Transactions waiting for their label (not labels held by the gate).", registry=r
+        )
         self.examples_trained = Counter("streamer_examples_trained_total", "Examples trained on.", registry=r)
         self.microbatches = Counter(
             "streamer_microbatches_total", "Micro-batches, by outcome (applied or skipped_nonfinite).", ["outcome"],
@@ -85,7 +87,7 @@ class UpdaterMetrics(IngestMetrics):
         self.checkpoint_duration = Histogram(
             "streamer_checkpoint_duration_seconds", "Wall time of one checkpoint.", buckets=_EXPORT_BUCKETS, registry=r
         )
-        self.event_time_lag = Gauge(
+        self.watermark = Gauge(
             "streamer_updater_watermark_seconds", "Newest event time seen, Unix seconds.", registry=r
         )
 

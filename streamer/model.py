@@ -164,7 +164,11 @@ def load_model_checkpoint(path: Path) -> ModelCheckpoint:
     try:
         meta = json.loads(meta_path.read_bytes())
     except FileNotFoundError:
-        raise CheckpointError(f"model metadata {meta_path} not found; run `streamer pretrain` first") from None
+        what = "model checkpoint" if not path.exists() else "metadata of model checkpoint"
+        raise CheckpointError(
+            f"{what} {path} not found (expected {path.name} and {meta_path.name} side by side); "
+            "run `streamer pretrain` first"
+        ) from None
     except ValueError as exc:
         raise CheckpointError(f"model metadata {meta_path} is not valid JSON: {exc}") from exc
     if meta.get("format") != CHECKPOINT_FORMAT:

@@ -274,6 +274,8 @@ class UpdaterPipeline:
             self._train_full_batches(outcome)
         outcome.steps += self.train_if_stale()
         self.counters["dead_letters"] += len(outcome.dead_letters)
+        if self.metrics is not None:
+            self.metrics.pending_labels.set(self.join.pending)
         return outcome
 
     def train_if_stale(self) -> list[StepResult]:

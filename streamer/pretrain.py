@@ -47,6 +47,8 @@ class PretrainConfig:
 
 def pretrain(config: PretrainConfig) -> ModelCheckpoint:
     """Train and save the source model; return the checkpoint that was written."""
+    if config.start >= config.end:
+        raise ConfigurationError(f"the period is empty: start {config.start} is not before end {config.end}")
     torch.manual_seed(config.seed)
     # One thread: batches of 512 gain little from more, and the demo runs other processes beside it.
     torch.set_num_threads(1)

@@ -176,7 +176,7 @@ class Updater:
         for topic in {r.topic for r in records}:
             self.metrics.events_consumed.labels(topic).inc(sum(1 for r in records if r.topic == topic))
         if self.pipeline.watermark_ms:
-            self.metrics.event_time_lag.set(self.pipeline.watermark_ms / 1000)
+            self.metrics.watermark.set(self.pipeline.watermark_ms / 1000)
         if outcome.dead_letters:
             await self._send_dead_letters(outcome.dead_letters)
         if outcome.transactions and len(self._probe) < PROBE_ROWS:

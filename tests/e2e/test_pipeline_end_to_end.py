@@ -227,6 +227,9 @@ def wait_until(condition, description: str, workers: list[Worker]) -> None:
         time.sleep(POLL_SECONDS)
 
 
+ORPHAN_GRACE_SECONDS = 3.0
+
+
 def stop_worker(worker: Worker) -> tuple[int | None, list[int]]:
     """SIGTERM the worker; return its exit code (None if it had to be killed) and the pids left in its session."""
     worker.process.send_signal(signal.SIGTERM)
@@ -237,6 +240,11 @@ def stop_worker(worker: Worker) -> tuple[int | None, list[int]]:
         worker.process.wait()
         code = None
     worker.output.close()
+    # multiprocessing's resource tracker (started with the export process) exits when it
+    # reads end-of-file from its parent, a moment after the worker: allow it that moment.
+    deadline = time.monotonic() + ORPHAN_GRACE_SECONDS
+    while session_members(worker.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return code, session_members(worker.process.pid)
 
 
