@@ -144,8 +144,13 @@ def test_model_checkpoint_missing_metadata_raises(tmp_path):
     path = save_model(tmp_path)
     path.with_suffix(".json").unlink()
 
-    with pytest.raises(CheckpointError, match="source.json not found"):
+    with pytest.raises(CheckpointError, match=r"metadata of model checkpoint .*source\.pt not found"):
         load_model_checkpoint(path)
+
+
+def test_model_checkpoint_missing_file_names_it(tmp_path):
+    with pytest.raises(CheckpointError, match=r"model checkpoint .*nope\.pt not found"):
+        load_model_checkpoint(tmp_path / "nope.pt")
 
 
 def test_model_checkpoint_invalid_metadata_raises(tmp_path):
