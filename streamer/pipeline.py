@@ -289,6 +289,10 @@ class UpdaterPipeline:
     def _train(self, x: np.ndarray, y: np.ndarray) -> StepResult:
         result = self.trainer.step(x, y)
         self.counters["microbatches"] += 1
+        if not result.applied:
+            # The examples came from labels read up to these offsets; the model is unchanged.
+            logger.warning("non-finite micro-batch not applied examples=%d input_offsets=%s",
+                           result.examples, self.offsets)
         if result.applied:
             self.counters["examples"] += result.examples
             self.batches_since_export += 1
