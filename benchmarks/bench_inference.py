@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_updater import DATA, fill_broker, make_records, source_model  # noqa: E402
+from bench_updater import fill_broker, make_records, source_model  # noqa: E402
 from exporters import SnapshotStore, export_onnx  # noqa: E402
 from streamer.broker import EmbeddedBroker  # noqa: E402
 from streamer.features import FEATURE_NAMES  # noqa: E402
 from streamer.inference import InferenceWorker  # noqa: E402
-from streamer.kafka import consumer_kwargs, ensure_topics, producer_kwargs  # noqa: E402
+from streamer.kafka import consumer_kwargs, producer_kwargs  # noqa: E402
 from streamer.metrics import InferenceMetrics  # noqa: E402
 from streamer.model import ScoreModule  # noqa: E402
 from streamer.scoring import build_served_model, score  # noqa: E402

@@ -60,3 +60,30 @@ def read_handbook_transactions(months: tuple[str, ...], before: str) -> Handbook
 
 
 _COLUMNS = ("transaction_id", "tx_datetime", "customer_id", "terminal_id", "tx_amount", "tx_fraud")
+
+
+async def read_topic(settings, topic: str, partitions: int, timeout_seconds: float = 60.0) -> list:
+    """Read every record of a topic, from the beginning to its end offsets, without a consumer group."""
+    import time
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from streamer.kafka import consumer_kwargs, end_offsets
+
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    ends = await end_offsets(settings, tps)
+    consumer = AIOKafkaConsumer(**consumer_kwargs(settings, group_id=None))
+    await consumer.start()
+    records: list = []
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_seconds
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} to its end offsets {ends} timed out")
+            for part in (await consumer.getmany(timeout_ms=200)).values():
+                records += part
+    finally:
+        await consumer.stop()
+    return records

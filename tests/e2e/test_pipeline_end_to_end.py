@@ -27,13 +27,12 @@ from typing import BinaryIO
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+import helpers
 from exporters import SnapshotStore
 from streamer.broker import parent_death_signal
 from streamer.demo import scrape
-from streamer.kafka import consumer_kwargs, end_offsets
 from streamer.replay import read_transactions
 from streamer.settings import Settings, Topics
 
@@ -249,24 +248,7 @@ def stop_worker(worker: Worker) -> tuple[int | None, list[int]]:
 
 
 async def read_topic(settings: Settings, topic: str) -> list[ConsumerRecord]:
-    """Read every record of a topic, from the beginning to its end offsets, without a group."""
-    tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-    ends = await end_offsets(settings, tps)
-    consumer = AIOKafkaConsumer(**consumer_kwargs(settings, group_id=None))
-    await consumer.start()
-    records: list[ConsumerRecord] = []
-    try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + WAIT_TIMEOUT_SECONDS
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} to its end offsets {ends} timed out")
-            for part in (await consumer.getmany(timeout_ms=200)).values():
-                records += part
-    finally:
-        await consumer.stop()
-    return records
+    return await helpers.read_topic(settings, topic, PARTITIONS)
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,16 @@ import onnxruntime as ort
 import orjson
 import pytest
 import torch
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
+import helpers
 from exporters import Manifest, SnapshotStore, encode_announcement, export_onnx
 from streamer.events import decode_transactions
 from streamer.features import FEATURE_NAMES, FeatureState
 from streamer.inference import InferenceWorker
-from streamer.kafka import consumer_kwargs, end_offsets, ensure_topics, producer_kwargs
+from streamer.kafka import ensure_topics, producer_kwargs
 from streamer.metrics import InferenceMetrics
 from streamer.model import FraudMLP, ScoreModule
 from streamer.replay import Transaction, read_transactions, replay
@@ -255,24 +256,7 @@ async def wait_for(registry: CollectorRegistry, name: str, labels: dict[str, str
 
 
 async def read_topic(settings: Settings, topic: str, partitions: int) -> list[ConsumerRecord]:
-    """Read every record of a topic, from the beginning to its end offsets, without a group."""
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
-    ends = await end_offsets(settings, tps)
-    consumer = AIOKafkaConsumer(**consumer_kwargs(settings, group_id=None))
-    await consumer.start()
-    records: list[ConsumerRecord] = []
-    try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + WAIT_TIMEOUT_SECONDS
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} to its end offsets {ends} timed out")
-            for part in (await consumer.getmany(timeout_ms=200)).values():
-                records += part
-    finally:
-        await consumer.stop()
-    return records
+    return await helpers.read_topic(settings, topic, partitions, WAIT_TIMEOUT_SECONDS)
 
 
 def offline_scores(snapshot: Snapshot, features: np.ndarray) -> np.ndarray:

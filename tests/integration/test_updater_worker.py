@@ -26,11 +26,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
+import helpers
 from exporters import Announcement, SnapshotStore, decode_announcement, resolve_snapshot_bytes
 from streamer.checkpoint import CheckpointData, CheckpointStore
 from streamer.errors import CheckpointError
 from streamer.events import label_event, transaction_event
-from streamer.kafka import consumer_kwargs, end_offsets, ensure_topics, producer_kwargs
+from streamer.kafka import consumer_kwargs, ensure_topics, producer_kwargs
 from streamer.metrics import UpdaterMetrics
 from streamer.model import load_feature_state, load_model_checkpoint
 from streamer.pipeline import UpdaterPipeline
@@ -375,24 +376,7 @@ async def committed_offsets(settings: Settings, partitions: list[TopicPartition]
 
 
 async def read_topic(settings: Settings, topic: str, partitions: int) -> list[ConsumerRecord]:
-    """Read every record of a topic, from the beginning to its end offsets, without a group."""
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
-    ends = await end_offsets(settings, tps)
-    consumer = AIOKafkaConsumer(**consumer_kwargs(settings, group_id=None))
-    await consumer.start()
-    records: list[ConsumerRecord] = []
-    try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + WAIT_TIMEOUT_SECONDS
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} to its end offsets {ends} timed out")
-            for part in (await consumer.getmany(timeout_ms=200)).values():
-                records += part
-    finally:
-        await consumer.stop()
-    return records
+    return await helpers.read_topic(settings, topic, partitions, WAIT_TIMEOUT_SECONDS)
 
 
 def dead_letter_origin(record: ConsumerRecord) -> tuple[str, int, int]:
