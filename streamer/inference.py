@@ -24,12 +24,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from exporters import decode_announcement, resolve_snapshot_bytes
 
 from .deadletter import DeadLetter, dead_letter_from
-from .errors import SnapshotError
+from .errors import BrokerError, SnapshotError
 from .events import decode_labels, decode_transactions
 from .features import FeatureState
 from .kafka import consumer_kwargs, producer_kwargs
 from .labeljoin import LabelJoin
 from .metrics import InferenceMetrics
+from .retry import RetainedSend, commit, reset_positions_beyond_end, retry
 from .scoring import ServedModel, build_served_model, score
 from .settings import Settings
 
@@ -65,7 +66,8 @@ class InferenceWorker:
         self._model_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._last_commit = time.monotonic()
-        self._inflight: list[asyncio.Future] = []
+        # Sent but not yet acknowledged, kept with their records so that they can be sent again.
+        self._inflight: list[RetainedSend] = []
         self.scored = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -112,6 +114,8 @@ class InferenceWorker:
             mine = [r for part in batches.values() for r in part if r.key == key]
             if mine:
                 await self._consider(mine[-1].value)
+            elif not batches:
+                await reset_positions_beyond_end(self._snapshots)
 
     async def _consider(self, value: bytes) -> None:
         try:
@@ -169,6 +173,8 @@ class InferenceWorker:
                 self.metrics.batch_duration.observe(time.perf_counter() - polled)
                 for topic in {r.topic for r in records}:
                     self.metrics.events_consumed.labels(topic).inc(sum(1 for r in records if r.topic == topic))
+            else:
+                await reset_positions_beyond_end(self._consumer)
             if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_SECONDS:
                 await self._commit()
 
@@ -232,43 +238,72 @@ class InferenceWorker:
         return out
 
     async def _publish(self, scored: list[tuple[int, bytes, bytes]], letters: list[DeadLetter]) -> None:
-        topic = self.settings.topics.fraud_scores
-        futures = []
-        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-        for partition, key, value in scored:
-            by_partition.setdefault(partition, []).append((key, value))
-        for partition, rows in by_partition.items():
-            batch = self._producer.create_batch()
-            for key, value in rows:
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    futures.append(await self._producer.send_batch(batch, topic, partition=partition))
-                    batch = self._producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None)
-            futures.append(await self._producer.send_batch(batch, topic, partition=partition))
-        for letter in letters:
-            self.metrics.invalid_events.labels(letter.topic).inc()
-            logger.warning("invalid event sent to dead-letter topic=%s partition=%d offset=%d reason=%s",
-                           letter.topic, letter.partition, letter.offset, letter.reason)
-            futures.append(await self._producer.send(
-                self.settings.topics.dead_letter, letter.value, key=letter.key, headers=letter.headers(self.worker_id)
-            ))
+        sends = await self._send_scores(scored)
+        if letters:
+            sends.append(await self._send_dead_letters(letters))
+
         # Acknowledgements are awaited before the next commit, not here, so that scoring the
         # next poll overlaps the broker round trip (at-least-once: commit after ack).
-        self._inflight.extend(futures)
+        self._inflight.extend(sends)
         if len(self._inflight) > MAX_INFLIGHT_SENDS:
             await self._await_inflight()
         self.scored += len(scored)
         self.metrics.scored.inc(len(scored))
 
+    async def _send_scores(self, scored: list[tuple[int, bytes, bytes]]) -> list[RetainedSend]:
+        """Send score records in one batch per partition (more when a batch is full)."""
+        topic = self.settings.topics.fraud_scores
+        sends: list[RetainedSend] = []
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        for partition, key, value in scored:
+            by_partition.setdefault(partition, []).append((key, value))
+
+        for partition, rows in by_partition.items():
+            send = RetainedSend(topic, partition, [])
+            batch = self._producer.create_batch()
+            for key, value in rows:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    send.futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+                    sends.append(send)
+                    send = RetainedSend(topic, partition, [])
+                    batch = self._producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+                send.records.append((key, value, None))
+            send.futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+            sends.append(send)
+        return sends
+
+    async def _send_dead_letters(self, letters: list[DeadLetter]) -> RetainedSend:
+        send = RetainedSend(self.settings.topics.dead_letter, None, [])
+        for letter in letters:
+            self.metrics.invalid_events.labels(letter.topic).inc()
+            logger.warning("invalid event sent to dead-letter topic=%s partition=%d offset=%d reason=%s",
+                           letter.topic, letter.partition, letter.offset, letter.reason)
+            headers = letter.headers(self.worker_id)
+            send.records.append((letter.key, letter.value, headers))
+            send.futures.append(await self._producer.send(send.topic, letter.value, key=letter.key, headers=headers))
+        return send
+
     async def _await_inflight(self) -> None:
-        inflight, self._inflight = self._inflight, []
-        await asyncio.gather(*inflight)
+        """Wait until the broker acknowledged every sent record, sending failed ones again.
+
+        Raises:
+            BrokerError: a send failed while the worker is stopping; the unacknowledged
+                sends stay in ``_inflight``.
+        """
+        while self._inflight:
+            send = self._inflight[0]
+            await retry("produce", lambda: send.acknowledged(self._producer), metrics=self.metrics,
+                        stop_event=self._stopping)
+            self._inflight.pop(0)
 
     async def _commit(self) -> None:
+        """Commit the consumed offsets once every score and dead letter of them is acknowledged."""
         self._last_commit = time.monotonic()
-        await self._await_inflight()
         try:
-            await self._consumer.commit()
-        except Exception as exc:  # a commit during a rebalance fails; the next one covers it
-            self.metrics.broker_errors.labels("commit").inc()
-            logger.warning("offset commit failed, retrying at the next interval: %s", exc)
+            await self._await_inflight()
+        except BrokerError as exc:
+            logger.warning("offsets not committed, because sends are unacknowledged at stop error=%s", exc)
+            return
+        # A commit fails during a rebalance or an outage, and the next one covers its offsets.
+        await commit(self._consumer, metrics=self.metrics)

@@ -36,6 +36,10 @@ class IngestMetrics:
             "streamer_broker_errors_total", "Kafka operations that failed and were retried.", ["operation"],
             registry=registry,
         )
+        self.broker_up = Gauge(
+            "streamer_broker_up", "1 if the last Kafka produce or commit of this worker succeeded, 0 if it failed.",
+            registry=registry,
+        )
 
 
 class UpdaterMetrics(IngestMetrics):

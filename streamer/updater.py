@@ -29,12 +29,14 @@ from exporters import SnapshotStore, encode_announcement
 
 from .checkpoint import CheckpointStore
 from .deadletter import DeadLetter
+from .errors import BrokerError
 from .export_process import export_pool, export_serialised, serialise_model
 from .features import FEATURE_NAMES
 from .kafka import consumer_kwargs, producer_kwargs
 from .metrics import UpdaterMetrics
 from .model import ModelCheckpoint
 from .pipeline import BatchOutcome, UpdaterPipeline
+from .retry import RetainedSend, commit, reset_positions_beyond_end, retry
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ class Updater:
         self._export_task: asyncio.Task | None = None
         self._last_checkpoint = time.monotonic()
         self._checkpointed_position: tuple | None = None
+        # Offsets of the newest checkpoint until the broker accepts their commit.
+        self._uncommitted: dict[str, dict[int, int]] | None = None
         self._last_export = time.monotonic()
         self._probe = np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
         self.started = False
@@ -166,6 +170,9 @@ class Updater:
                 await self._after_batch(records, outcome)
             else:
                 outcome = await self._in_pipeline(self.pipeline.on_idle)
+                reset = await reset_positions_beyond_end(self._consumer)
+                if reset:
+                    await self._in_pipeline(self._forget_offsets, reset)
                 if outcome.dead_letters:
                     await self._send_dead_letters(outcome.dead_letters)
             await self._maybe_export()
@@ -182,50 +189,69 @@ class Updater:
         if outcome.transactions and len(self._probe) < PROBE_ROWS:
             self._probe = await self._in_pipeline(self._collect_probe)
 
+    def _forget_offsets(self, partitions: list[TopicPartition]) -> None:
+        # The pipeline's offsets never go backwards, but a partition that lost its records
+        # starts again at 0. Kept, the old offsets would make the next checkpoint, and a
+        # restart from it, skip the new records below them.
+        for tp in partitions:
+            self.pipeline.offsets.get(tp.topic, {}).pop(tp.partition, None)
+
     def _collect_probe(self) -> np.ndarray:
         # Real feature rows make a better parity probe than random ones: same ranges as serving.
         return self.pipeline.recent_features[-PROBE_ROWS:].copy()
 
     async def _send_dead_letters(self, letters: list[DeadLetter]) -> None:
-        futures = []
+        send = RetainedSend(self.settings.topics.dead_letter, None, [])
         for letter in letters:
             self.metrics.invalid_events.labels(letter.topic).inc()
             logger.warning(
                 "invalid event sent to dead-letter topic=%s partition=%d offset=%d reason=%s",
                 letter.topic, letter.partition, letter.offset, letter.reason,
             )
-            futures.append(await self._producer.send(
-                self.settings.topics.dead_letter, letter.value, key=letter.key, headers=letter.headers("updater")
-            ))
-        # The dead letters must be durable before their source offsets can be committed.
-        await asyncio.gather(*futures)
+            send.records.append((letter.key, letter.value, letter.headers("updater")))
+        # The dead letters must be durable before their source offsets can be committed, so
+        # the loop waits here, retrying, while the broker is unreachable.
+        await self._retry("produce", lambda: send.acknowledged(self._producer))
+
+    async def _retry(self, operation: str, fn):
+        return await retry(operation, fn, metrics=self.metrics, stop_event=self._stopping)
 
     # -- checkpoint and commit ----------------------------------------------------------------
 
     async def checkpoint(self) -> None:
-        """Write a checkpoint, then commit the offsets it includes (never before)."""
+        """Write a checkpoint, then commit the offsets it includes (never before).
+
+        A failed commit is logged and tried again at the next call, also when nothing
+        changed since, because a commit of the same offsets is idempotent.
+        """
         started = time.perf_counter()
         self._last_checkpoint = time.monotonic()
         position = (self.pipeline.counters["microbatches"], repr(self.pipeline.offsets), self.pipeline.served_version)
-        if position == self._checkpointed_position:
-            return  # nothing consumed, trained or exported since the last checkpoint
-        meta = {"last_exported_version": self.pipeline.served_version}
-        data = await self._in_pipeline(self.pipeline.checkpoint_data, meta)
-        await self._in_pipeline(self.checkpoints.save, data)
-        self._checkpointed_position = position
-        self.metrics.checkpoints.inc()
-        self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+        if position != self._checkpointed_position:
+            meta = {"last_exported_version": self.pipeline.served_version}
+            data = await self._in_pipeline(self.pipeline.checkpoint_data, meta)
+            await self._in_pipeline(self.checkpoints.save, data)
+            self._checkpointed_position = position
+            self._uncommitted = data.offsets
+            self.metrics.checkpoints.inc()
+            self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+            # In the pipeline thread: the rolling evaluators change while a batch is processed.
+            await self._in_pipeline(self.pipeline.prequential_metrics)
+        if self._uncommitted is not None:
+            await self._commit(self._uncommitted)
+
+    async def _commit(self, checkpointed: dict[str, dict[int, int]]) -> None:
         assigned = self._consumer.assignment() if self._consumer is not None else set()
         offsets = {
             TopicPartition(topic, partition): offset
-            for topic, parts in data.offsets.items()
+            for topic, parts in checkpointed.items()
             for partition, offset in parts.items()
             if TopicPartition(topic, partition) in assigned
         }
-        if offsets:
-            await self._consumer.commit(offsets)
-        # In the pipeline thread: the rolling evaluators change while a batch is processed.
-        await self._in_pipeline(self.pipeline.prequential_metrics)
+        if not offsets:
+            return
+        if await commit(self._consumer, offsets, metrics=self.metrics):
+            self._uncommitted = None
 
     # -- export -------------------------------------------------------------------------------
 
@@ -260,7 +286,12 @@ class Updater:
         self.metrics.model_version.set(manifest.version)
         logger.info("snapshot exported model=%s version=%d reason=%s auc=%s", manifest.model_name,
                     manifest.version, why, manifest.metrics.get("live_auc"))
-        await self._announce(manifest)
+        try:
+            await self._announce(manifest)
+        except BrokerError as exc:
+            # The snapshot is in the store, and start() announces the newest stored version.
+            logger.warning("snapshot announcement abandoned at stop model=%s version=%d error=%s",
+                           manifest.model_name, manifest.version, exc)
 
     def _freeze_for_export(self):
         if not self.pipeline.trainer.weights_finite():
@@ -291,6 +322,7 @@ class Updater:
     async def _announce(self, manifest) -> None:
         onnx_path = self.store.model_path(manifest.version)
         key, value = encode_announcement(manifest, onnx_path.read_bytes(), store_path=str(onnx_path.resolve()))
-        await self._producer.send_and_wait(self.settings.topics.model_snapshots, value, key=key)
+        topic = self.settings.topics.model_snapshots
+        await self._retry("announce", lambda: self._producer.send_and_wait(topic, value, key=key))
         logger.info("snapshot announced model=%s version=%d topic=%s", manifest.model_name, manifest.version,
                     self.settings.topics.model_snapshots)
