@@ -89,7 +89,7 @@ def _run_faust_worker(app, log_level: str) -> int:
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from .broker.embedded import EmbeddedBroker, graceful_signals
+    from .broker import EmbeddedBroker, graceful_signals
 
     with graceful_signals(), EmbeddedBroker() as broker:
         print(f"embedded broker listening; export STREAMER_KAFKA_BOOTSTRAP={broker.bootstrap} "

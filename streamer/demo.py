@@ -26,7 +26,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .broker.embedded import EmbeddedBroker, graceful_signals, parent_death_signal
+from .broker import EmbeddedBroker, graceful_signals, parent_death_signal
 from .dataset import DAY_MS, day_start_ms
 from .errors import StreamerError
 from .evaluation import PrequentialLog

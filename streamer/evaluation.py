@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from .atomicfile import write_atomically
 from .errors import StreamerError
 
 logger = logging.getLogger(__name__)
@@ -553,20 +553,9 @@ class PrequentialLog:
         """
         target = Path(path)
         columns = self.arrays()
-        descriptor, temporary = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+        write_atomically(
+            target, lambda file: np.savez(file, format_version=np.array(LOG_FORMAT_VERSION), **columns)
         )
-        try:
-            # mkstemp creates the file readable by its owner only, unlike other data files.
-            os.fchmod(descriptor, 0o644)
-            with os.fdopen(descriptor, "wb") as file:
-                np.savez(file, format_version=np.array(LOG_FORMAT_VERSION), **columns)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
         logger.info("saved prequential log path=%s rows=%d", target, self._rows)
         return target
 

@@ -2,7 +2,7 @@
 
 It consumes `transactions` (to score) and `labels` (only to keep the terminal fraud-rate
 features current, exactly as the updater computes them), and `model-snapshots` without a
-consumer group, so that every worker sees every announcement. Scores go to
+consumer group, so that every worker receives every announcement. Scores go to
 `fraud-scores` in the partition of their transaction, keyed by customer id.
 
 A snapshot is verified (SHA-256, feature schema, probe batch) and swapped in between two
@@ -171,8 +171,7 @@ class InferenceWorker:
                 )
                 await self._publish(scored, letters)
                 self.metrics.batch_duration.observe(time.perf_counter() - polled)
-                for topic in {r.topic for r in records}:
-                    self.metrics.events_consumed.labels(topic).inc(sum(1 for r in records if r.topic == topic))
+                self.metrics.count_consumed(batches)
             else:
                 await reset_positions_beyond_end(self._consumer)
             if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_SECONDS:
@@ -185,7 +184,7 @@ class InferenceWorker:
         label_records = [r for r in records if r.topic == topics.labels]
         # NOTE: labels apply at once, without the updater's event-time gate. The features still
         # match the updater's for label delays up to the 7-day terminal delay, because a
-        # terminal window never reaches a label that recent; a longer delay can differ.
+        # terminal window never reaches a label that recent. A longer delay can differ.
         if label_records:
             labels = decode_labels([r.value for r in label_records])
             letters += [dead_letter_from(label_records[b.index], b.reason) for b in labels.rejected]

@@ -18,7 +18,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
-_COLUMNS = {
+# Columns stored with each pending transaction, and their dtypes.
+PENDING_COLUMNS = {
     "transaction_id": np.int64,
     "event_time_ms": np.int64,
     "customer_id": np.int64,
@@ -96,7 +97,7 @@ class LabelJoin:
 
     def _grow(self, capacity: int) -> None:
         old = self._capacity
-        for name, dtype in _COLUMNS.items():
+        for name, dtype in PENDING_COLUMNS.items():
             grown = np.zeros(capacity, dtype=dtype)
             if old:
                 grown[:old] = self._cols[name]
@@ -134,13 +135,13 @@ class LabelJoin:
         if keep:
             rows = np.fromiter((i for i, _ in keep), dtype=np.int64, count=len(keep))
             slots = np.fromiter((s for _, s in keep), dtype=np.int64, count=len(keep))
-            for name in _COLUMNS:
+            for name in PENDING_COLUMNS:
                 self._cols[name][slots] = columns[name][rows]
             self._features[slots] = features[rows]
             self._active[slots] = True
         rows = np.asarray(early_rows, dtype=np.int64)
         result = Joined(
-            {name: np.asarray(columns[name][rows], dtype=dtype) for name, dtype in _COLUMNS.items()},
+            {name: np.asarray(columns[name][rows], dtype=dtype) for name, dtype in PENDING_COLUMNS.items()},
             np.asarray(features[rows], dtype=np.float32).reshape(len(rows), self.n_features),
             np.asarray(early_labels, dtype=np.int8),
         )
@@ -211,7 +212,7 @@ class LabelJoin:
         return result, counts
 
     def _take(self, slots: np.ndarray, labels: np.ndarray) -> Joined:
-        columns = {name: self._cols[name][slots].copy() for name in _COLUMNS}
+        columns = {name: self._cols[name][slots].copy() for name in PENDING_COLUMNS}
         features = self._features[slots].copy()
         self._active[slots] = False
         self._free.extend(slots.tolist())
@@ -225,7 +226,7 @@ class LabelJoin:
     def state_dict(self) -> dict[str, np.ndarray]:
         """Flat numpy arrays of the whole join state, for the updater checkpoint."""
         slots = np.flatnonzero(self._active)
-        state = {f"pending_{name}": self._cols[name][slots].copy() for name in _COLUMNS}
+        state = {f"pending_{name}": self._cols[name][slots].copy() for name in PENDING_COLUMNS}
         state["pending_features"] = self._features[slots].copy()
         state["joined_transaction_id"] = np.fromiter(self._joined.keys(), dtype=np.int64, count=len(self._joined))
         state["joined_label"] = np.fromiter(self._joined.values(), dtype=np.int8, count=len(self._joined))
@@ -239,7 +240,7 @@ class LabelJoin:
         """Replace the join state with one from `state_dict` (the join must be empty)."""
         if self._slot_of or self._joined or self._early:
             raise RuntimeError("load_state_dict needs an empty LabelJoin")
-        columns = {name: state[f"pending_{name}"] for name in _COLUMNS}
+        columns = {name: state[f"pending_{name}"] for name in PENDING_COLUMNS}
         self.add_transactions(columns, state["pending_features"])
         for tx_id, label in zip(state["joined_transaction_id"].tolist(), state["joined_label"].tolist()):
             self._remember(tx_id, label)

@@ -41,6 +41,11 @@ class IngestMetrics:
             registry=registry,
         )
 
+    def count_consumed(self, batches: dict) -> None:
+        """Count the records of one poll, ``{TopicPartition: [records]}``, per topic."""
+        for tp, part in batches.items():
+            self.events_consumed.labels(tp.topic).inc(len(part))
+
 
 class UpdaterMetrics(IngestMetrics):
     """Metrics of the model updater."""

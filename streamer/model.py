@@ -1,7 +1,7 @@
 """The fraud model (a small MLP with built-in feature normalisation) and its checkpoint file.
 
-A model checkpoint is two files: ``NAME.pt`` contains tensors and plain values only and is
-loaded with ``torch.load(weights_only=True)``, so it can never run code; ``NAME.json``
+A model checkpoint is two files. ``NAME.pt`` contains tensors and plain values only and is
+loaded with ``torch.load(weights_only=True)``, so it cannot run code. ``NAME.json``
 contains the metadata and the SHA-256 of ``NAME.pt``, which is checked before loading.
 """
 
@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomicfile import write_atomically
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -91,15 +91,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_model_checkpoint(path: Path, checkpoint: ModelCheckpoint) -> str:
     """Write ``path`` (tensors) and ``path.with_suffix('.json')`` (metadata, SHA-256); return the SHA-256."""
     path = Path(path)
@@ -109,11 +100,7 @@ def save_model_checkpoint(path: Path, checkpoint: ModelCheckpoint) -> str:
         "architecture": checkpoint.model.architecture(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in checkpoint.model.state_dict().items()},
     }
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    torch.save(payload, tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda file: torch.save(payload, file))
     sha = file_sha256(path)
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -123,7 +110,8 @@ def save_model_checkpoint(path: Path, checkpoint: ModelCheckpoint) -> str:
         "architecture": checkpoint.model.architecture(),
         "metadata": checkpoint.metadata,
     }
-    _write_atomically(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True).encode())
+    meta_bytes = json.dumps(meta, indent=2, sort_keys=True).encode()
+    write_atomically(path.with_suffix(".json"), lambda file: file.write(meta_bytes))
     logger.info("saved model checkpoint path=%s sha256=%s", path, sha[:12])
     return sha
 
@@ -139,7 +127,7 @@ def save_feature_state(checkpoint_path: Path, state) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **state.state_dict())
-    _write_atomically(path, buffer.getvalue())
+    write_atomically(path, lambda file: file.write(buffer.getvalue()))
     return {"file": path.name, "sha256": file_sha256(path)}
 
 

@@ -137,11 +137,12 @@ class UpdaterPipeline:
         if not len(batch):
             return
         valid = [records[i] for i in batch.index.tolist()]
-        self._track_partitions(self.settings.topics.labels, records, batch.index, batch.event_time_ms)
+        partitions = np.fromiter((r.partition for r in valid), np.int64, len(valid))
+        self._track_partitions(self.settings.topics.labels, partitions, batch.event_time_ms)
         self.gate.add(
             {
                 "transaction_id": batch.transaction_id, "label": batch.label, "event_time_ms": batch.event_time_ms,
-                "partition": np.fromiter((r.partition for r in valid), np.int32, len(valid)),
+                "partition": partitions,
                 "offset": np.fromiter((r.offset for r in valid), np.int64, len(valid)),
             },
             [r.value for r in valid],
@@ -194,7 +195,8 @@ class UpdaterPipeline:
         joined, counts = self.join.add_transactions(columns, features)
         self._count_join(counts)
         self._watermark(int(columns["event_time_ms"][-1]))
-        self._track_partitions(self.settings.topics.transactions, records, batch.index[order], columns["event_time_ms"])
+        partitions = np.fromiter((records[i].partition for i in batch.index[order].tolist()), np.int64, len(order))
+        self._track_partitions(self.settings.topics.transactions, partitions, columns["event_time_ms"])
         self._accept_joined(joined)
 
     def _accept_joined(self, joined: Joined) -> None:
@@ -235,8 +237,7 @@ class UpdaterPipeline:
             if self._last_expire_ms == 0:
                 self._last_expire_ms = event_time_ms
 
-    def _track_partitions(self, topic: str, records: list, positions: np.ndarray, times: np.ndarray) -> None:
-        partitions = np.fromiter((records[i].partition for i in positions.tolist()), np.int64, len(positions))
+    def _track_partitions(self, topic: str, partitions: np.ndarray, times: np.ndarray) -> None:
         now = time.monotonic()
         for partition in np.unique(partitions).tolist():
             newest = int(times[partitions == partition].max())
@@ -247,18 +248,18 @@ class UpdaterPipeline:
     def deadline_watermark(self) -> int:
         """Event time at which label deadlines are judged: the slowest partition still delivering.
 
-        Partitions of both topics are consumed at different paces (one ran 14 event-time days
-        ahead of another in a fast replay), so judging deadlines by the newest time of the
-        whole stream would expire transactions whose labels are still unread in a lagging
+        Partitions of both topics are consumed at different paces: in a fast replay one ran 14
+        event-time days ahead of another. Judged by the newest time of the whole stream, a
+        deadline would expire transactions whose labels are still unread in a lagging
         partition. A partition without records for ``label_release_idle_seconds`` stops
         holding it back.
         """
         now = time.monotonic()
         idle = self.settings.label_release_idle_seconds
         active = [w for p, w in self.partition_watermarks.items() if now - self._partition_active_at.get(p, 0) < idle]
-        # NOTE: a partition that has delivered nothing yet does not hold the deadline back, so
-        # right after start a fast replay can still expire a few early transactions (862 of
-        # 593,487 in one demo run) whose labels were not yet read.
+        # NOTE: a partition that has delivered nothing yet does not hold the deadline back.
+        # Right after start, a fast replay can therefore still expire a few early transactions
+        # whose labels were not yet read (862 of 593,487 in one demo run).
         return min(active) if active else self.watermark_ms
 
     def _expire(self) -> None:

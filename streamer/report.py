@@ -11,7 +11,6 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .atomicfile import write_atomically
 from .errors import StreamerError
 from .evaluation import MS_PER_DAY, average_precision, rolling_window_metric
 
@@ -221,18 +221,4 @@ def _draw_chart(
 
 def _write_png_atomically(figure: Figure, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-    )
-    try:
-        # mkstemp creates the file readable by its owner only; a report is for everyone.
-        os.fchmod(descriptor, 0o644)
-        with os.fdopen(descriptor, "wb") as file:
-            figure.savefig(file, format="png")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomically(target, lambda file: figure.savefig(file, format="png"))

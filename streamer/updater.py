@@ -167,7 +167,8 @@ class Updater:
             if records:
                 ends = {(tp.topic, tp.partition): part[-1].offset + 1 for tp, part in batches.items() if part}
                 outcome = await self._in_pipeline(self.pipeline.process, records, ends)
-                await self._after_batch(records, outcome)
+                self.metrics.count_consumed(batches)
+                await self._after_batch(outcome)
             else:
                 outcome = await self._in_pipeline(self.pipeline.on_idle)
                 reset = await reset_positions_beyond_end(self._consumer)
@@ -179,9 +180,7 @@ class Updater:
             if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_seconds:
                 await self.checkpoint()
 
-    async def _after_batch(self, records: list, outcome: BatchOutcome) -> None:
-        for topic in {r.topic for r in records}:
-            self.metrics.events_consumed.labels(topic).inc(sum(1 for r in records if r.topic == topic))
+    async def _after_batch(self, outcome: BatchOutcome) -> None:
         if self.pipeline.watermark_ms:
             self.metrics.watermark.set(self.pipeline.watermark_ms / 1000)
         if outcome.dead_letters:

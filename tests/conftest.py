@@ -103,3 +103,27 @@ def handbook_dir() -> Path:
     if not HANDBOOK_DIR.is_dir():
         pytest.fail(f"handbook data not found at {HANDBOOK_DIR}; the repository expects shared/data beside it")
     return HANDBOOK_DIR
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread, as the updater's pipeline thread does, because tiny models lose time to more."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def source_path(handbook_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small source model: four April days, the last one held out, one epoch."""
+    from streamer.pretrain import PretrainConfig, pretrain
+
+    output = tmp_path_factory.mktemp("source-model") / "source.pt"
+    pretrain(PretrainConfig(
+        paths=(handbook_dir / "transactions-2018-04.csv.gz",), start="2018-04-01", end="2018-04-05",
+        output=output, validation_days=1, epochs=1,
+    ))
+    return output

@@ -32,16 +32,9 @@ from pathlib import Path
 
 from ..errors import BrokerError
 from ..settings import Settings
-from .process import graceful_signals, parent_death_signal
+from .process import parent_death_signal
 
-__all__ = [
-    "EmbeddedBroker",
-    "broker_binary",
-    "graceful_signals",
-    "kafka_bootstrap",
-    "parent_death_signal",
-    "settings_with_broker",
-]
+__all__ = ["EmbeddedBroker", "broker_binary", "kafka_bootstrap", "settings_with_broker"]
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ from streamer.inference import InferenceWorker
 from streamer.kafka import ensure_topics, producer_kwargs
 from streamer.metrics import InferenceMetrics, UpdaterMetrics
 from streamer.model import load_feature_state, load_model_checkpoint
-from streamer.pretrain import PretrainConfig, pretrain
 from streamer.replay import read_transactions, replay
 from streamer.settings import Settings
 from streamer.updater import Updater
@@ -167,17 +166,6 @@ async def produce(settings: Settings, topic: str, records: list[tuple[bytes, byt
 
 
 # -- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def source_path(handbook_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small source model: four April days, the last one held out, one epoch."""
-    output = tmp_path_factory.mktemp("source-model") / "source.pt"
-    pretrain(PretrainConfig(
-        paths=(handbook_dir / "transactions-2018-04.csv.gz",), start="2018-04-01", end="2018-04-05",
-        output=output, validation_days=1, epochs=1,
-    ))
-    return output
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ from streamer.kafka import consumer_kwargs, ensure_topics, producer_kwargs
 from streamer.metrics import UpdaterMetrics
 from streamer.model import load_feature_state, load_model_checkpoint
 from streamer.pipeline import UpdaterPipeline
-from streamer.pretrain import PretrainConfig, pretrain
 from streamer.replay import DAY_MS, Transaction, read_transactions, replay
 from streamer.settings import Settings
 from streamer.updater import Updater
@@ -148,17 +147,6 @@ class Scenario:
 
 
 # -- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def source_path(handbook_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small source model: four April days, the last one held out, one epoch."""
-    output = tmp_path_factory.mktemp("source-model") / "source.pt"
-    pretrain(PretrainConfig(
-        paths=(handbook_dir / "transactions-2018-04.csv.gz",), start="2018-04-01", end="2018-04-05",
-        output=output, validation_days=1, epochs=1,
-    ))
-    return output
 
 
 @pytest.fixture(scope="module")

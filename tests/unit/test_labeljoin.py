@@ -7,20 +7,12 @@ import io
 import numpy as np
 import pytest
 
-from streamer.labeljoin import DAY_MS, Joined, JoinCounts, LabelJoin
+from streamer.labeljoin import DAY_MS, PENDING_COLUMNS, Joined, JoinCounts, LabelJoin
 
 N_FEATURES = 15
 START_MS = 1_522_540_800_000  # 2018-04-01T00:00:00Z
 HOUR_MS = 3_600_000
-COLUMN_DTYPES = {
-    "transaction_id": np.int64,
-    "event_time_ms": np.int64,
-    "customer_id": np.int64,
-    "terminal_id": np.int64,
-    "live_score": np.float32,
-    "source_score": np.float32,
-    "model_version": np.int32,
-}
+COLUMN_DTYPES = PENDING_COLUMNS
 
 
 def make_transactions(ids, times, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -44,13 +44,7 @@ class CustomObject:
         self.__dict__.update(state)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run torch on one thread, as the updater's pipeline thread does, because tiny models lose time to more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

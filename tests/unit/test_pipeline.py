@@ -30,12 +30,7 @@ class Record:
     value: bytes
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _source() -> ModelCheckpoint:
@@ -44,7 +39,7 @@ def _source() -> ModelCheckpoint:
 
 
 def _settings(tmp_path: Path, **changes) -> Settings:
-    # A long idle time: these tests release labels only through the watermark unless they say so.
+    # A long idle time: these tests release labels only through the watermark unless they set it lower.
     defaults = dict(data_dir=tmp_path, microbatch_size=32, label_release_idle_seconds=3600.0)
     return Settings(**{**defaults, **changes})
 

@@ -20,13 +20,7 @@ HIDDEN = (8, 4)
 BATCH = 32
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run torch on one thread, as the updater's pipeline thread does, because tiny models lose time to more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_source(seed: int = 0) -> FraudMLP:

@@ -15,13 +15,7 @@ ALL_PARAMETERS = ["body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"
 HEAD_PARAMETERS = ["head.weight", "head.bias"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run torch on one thread, as the updater's pipeline thread does, because tiny models lose time to more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_source(seed: int = 0) -> FraudMLP:
