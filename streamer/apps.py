@@ -5,8 +5,8 @@ own command on the module-level apps, for example::
 
     STREAMER_KAFKA_BOOTSTRAP=127.0.0.1:9092 faust -A streamer.apps:updater_app worker --without-web
 
-Each app runs its worker as a `mode.Service`: faust provides the process, signals, logging
-and shutdown ordering; the service consumes with its own batch consumer (see
+Each app runs its worker as a `mode.Service`. faust provides the process, signals, logging
+and shutdown ordering, while the service consumes with its own batch consumer (see
 `streamer.updater` for why).
 """
 

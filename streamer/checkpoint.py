@@ -1,9 +1,9 @@
 """Updater checkpoints: model, optimiser, feature state, label join and input offsets, together.
 
 Everything the updater learnt from the stream is saved in one checkpoint with the offsets
-of the first records it has not yet seen, as a Flink-style consistent snapshot: resuming
-from the checkpoint and seeking to its offsets reproduces the uninterrupted state, and
-offsets are committed to Kafka only after the checkpoint that includes them is durable.
+of the first records it has not yet seen, as a Flink-style consistent snapshot. Resuming
+from the checkpoint and seeking to its offsets reproduces the uninterrupted state.
+Offsets are committed to Kafka only after the checkpoint that includes them is durable.
 
 On disk: ``<dir>/ckpt-000042/`` holds ``trainer.pt`` (tensors and plain values, loaded with
 ``weights_only=True``), ``features.npz`` and ``join.npz`` (loaded with

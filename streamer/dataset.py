@@ -80,7 +80,7 @@ def stream_features(
 ) -> tuple[np.ndarray, FeatureState]:
     """Features of every transaction as the streaming workers compute them, labels arriving after a delay.
 
-    Transactions are fed in chunks; before each chunk, the labels whose arrival time
+    Transactions are fed in chunks. Before each chunk, the labels whose arrival time
     (transaction time + delay) is at or before the chunk's last transaction are applied,
     which is the order the workers use (labels of a poll first). Returns the features
     and the feature state at the end, which the workers can start from.

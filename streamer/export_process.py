@@ -42,5 +42,5 @@ def export_serialised(model_bytes: bytes, probe: np.ndarray) -> ExportResult:
 
 
 def export_pool() -> ProcessPoolExecutor:
-    """One long-lived export process; "spawn" so that it starts without the parent's threads."""
+    """Create a pool of one long-lived export process, started with "spawn" so it has none of the parent's threads."""
     return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))

@@ -46,8 +46,9 @@ def _session_options() -> ort.SessionOptions:
 def build_served_model(manifest: Manifest, onnx_bytes: bytes, probe: np.ndarray | None = None) -> ServedModel:
     """Create and check a session for a snapshot; raise SnapshotError naming what is wrong.
 
-    Checks: the manifest's feature names equal this version's; the graph has one float input
-    of width len(FEATURE_NAMES); a probe batch gives finite probabilities of shape (n, 1).
+    It checks that the manifest's feature names equal this version's, that the graph has one
+    float input of width len(FEATURE_NAMES), and that a probe batch gives one finite
+    probability in [0, 1] per row.
     """
     if list(manifest.feature_names) != list(FEATURE_NAMES):
         raise SnapshotError(

@@ -52,8 +52,8 @@ class Settings:
     label_deadline_policy: str = "genuine"
 
     # STREAMER_LABEL_RELEASE_IDLE_SECONDS: labels wait until the transactions reach their
-    # event time; after this many wall-clock seconds without transactions they are
-    # released anyway (an idle transaction stream must not hold labels back for ever).
+    # event time. After this many wall-clock seconds without transactions they are
+    # released anyway, so that an idle transaction stream does not hold labels back.
     label_release_idle_seconds: float = 3.0
 
     # STREAMER_MICROBATCH_SIZE: joined examples per micro-batch.
