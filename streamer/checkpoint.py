@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .faults import crash_point
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class CheckpointStore:
             "meta": data.meta,
         }
         _write_file(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+        crash_point("checkpoint.written")
         _fsync_dir(tmp)
 
         # 2. Publish the folder under its final name.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 
 from exporters import ExportResult, export_onnx
 
+from .broker.process import die_with_parent
 from .model import FraudMLP, ScoreModule
 
 
@@ -43,4 +45,9 @@ def export_serialised(model_bytes: bytes, probe: np.ndarray) -> ExportResult:
 
 def export_pool() -> ProcessPoolExecutor:
     """Create a pool of one long-lived export process, started with "spawn" so it has none of the parent's threads."""
-    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    # The pool starts its process from the thread that submits first: the event loop's
+    # thread, which lives as long as the worker, as the parent-death signal requires.
+    return ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+        initializer=die_with_parent, initargs=(os.getpid(),),
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,16 @@ class Joined:
         return len(self.label)
 
 
+@dataclass(frozen=True)
+class LabelOrigin:
+    """Partition, offset, key and bytes of a label record, kept with an early label for its dead letter."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
 @dataclass
 class JoinCounts:
     """Counts of what one call did with its events, for metrics and logs."""
@@ -57,6 +68,9 @@ class JoinCounts:
     orphan_labels: int = 0  # early labels whose transaction never came before the deadline
     conflicting_transaction_ids: list[int] = field(default_factory=list)
     conflicting_positions: list[int] = field(default_factory=list)  # positions in the add_labels input
+    duplicate_label_positions: list[int] = field(default_factory=list)  # positions in the add_labels input
+    # Early labels that expired as orphans, with their origin (None if added without one).
+    orphans: list[tuple[int, LabelOrigin | None]] = field(default_factory=list)
 
 
 class LabelJoin:
@@ -81,6 +95,8 @@ class LabelJoin:
         self._free: list[int] = []
         self._joined: OrderedDict[int, int] = OrderedDict()  # transaction id -> label
         self._early: dict[int, tuple[int, int]] = {}  # transaction id -> (label, label time ms)
+        # Origins of early labels; an entry lives exactly as long as its `_early` entry.
+        self._early_origin: dict[int, LabelOrigin] = {}
         self._capacity = 0
         self._cols: dict[str, np.ndarray] = {}
         self._features = np.zeros((0, n_features), dtype=np.float32)
@@ -94,6 +110,21 @@ class LabelJoin:
     @property
     def pending_early_labels(self) -> int:
         return len(self._early)
+
+    def seen(self, transaction_id: np.ndarray) -> np.ndarray:
+        """Return a bool mask of the ids pending, already joined or expired, or repeated earlier in the input.
+
+        Ids that left the join are remembered for the last ``joined_memory`` transactions only,
+        so that is the de-duplication window.
+        """
+        slot_of, joined = self._slot_of, self._joined
+        batch: set[int] = set()
+        mask = np.zeros(len(transaction_id), dtype=bool)
+        for i, tx_id in enumerate(transaction_id.tolist()):
+            if tx_id in batch or tx_id in slot_of or tx_id in joined:
+                mask[i] = True
+            batch.add(tx_id)
+        return mask
 
     def _grow(self, capacity: int) -> None:
         old = self._capacity
@@ -123,6 +154,7 @@ class LabelJoin:
                 continue
             if early and tx_id in early:
                 label, _ = early.pop(tx_id)
+                self._early_origin.pop(tx_id, None)
                 early_rows.append(i)
                 early_labels.append(label)
                 self._remember(tx_id, label)
@@ -148,8 +180,19 @@ class LabelJoin:
         counts.joined = len(result)
         return result, counts
 
-    def add_labels(self, transaction_id: np.ndarray, label: np.ndarray, label_time_ms: np.ndarray) -> tuple[Joined, JoinCounts]:
-        """Join labels with pending transactions; hold the early ones; count the repeated ones."""
+    def add_labels(
+        self,
+        transaction_id: np.ndarray,
+        label: np.ndarray,
+        label_time_ms: np.ndarray,
+        origin_at: Callable[[int], LabelOrigin] | None = None,
+    ) -> tuple[Joined, JoinCounts]:
+        """Join labels with pending transactions; hold the early ones; count the repeated ones.
+
+        ``origin_at(position)`` returns the origin of the label at that input position. It is
+        called for early labels only, and the origin is returned with the label if it expires
+        as an orphan.
+        """
         counts = JoinCounts()
         taken_slots, taken_labels = [], []
         slot_of, joined = self._slot_of, self._joined
@@ -167,9 +210,12 @@ class LabelJoin:
                 previous = self._early.get(tx_id, (None, 0))[0]
             if previous is None:
                 self._early[tx_id] = (value, when)
+                if origin_at is not None:
+                    self._early_origin[tx_id] = origin_at(position)
                 counts.early_labels += 1
             elif previous == value:
                 counts.duplicate_labels += 1
+                counts.duplicate_label_positions.append(position)
             else:
                 counts.conflicting_labels += 1
                 counts.conflicting_transaction_ids.append(tx_id)
@@ -203,6 +249,7 @@ class LabelJoin:
         stale = [tx for tx, (_, when) in self._early.items() if when < cutoff]
         for tx_id in stale:
             del self._early[tx_id]
+            counts.orphans.append((tx_id, self._early_origin.pop(tx_id, None)))
         counts.orphan_labels = len(stale)
         if counts.expired or stale:
             logger.info(
@@ -234,6 +281,7 @@ class LabelJoin:
         state["early_transaction_id"] = np.asarray([tx for tx, _ in early], dtype=np.int64)
         state["early_label"] = np.asarray([v[0] for _, v in early], dtype=np.int8)
         state["early_time_ms"] = np.asarray([v[1] for _, v in early], dtype=np.int64)
+        state.update(_origins_state([self._early_origin.get(tx) for tx, _ in early]))
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -248,6 +296,54 @@ class LabelJoin:
             state["early_transaction_id"].tolist(), state["early_label"].tolist(), state["early_time_ms"].tolist()
         ):
             self._early[tx_id] = (label, when)
+        # Checkpoints written before origins were kept have no early_origin_* arrays.
+        if "early_origin_known" in state:
+            for tx_id, origin in zip(state["early_transaction_id"].tolist(), _origins_from_state(state)):
+                if origin is not None:
+                    self._early_origin[tx_id] = origin
+
+
+def _origins_state(origins: list[LabelOrigin | None]) -> dict[str, np.ndarray]:
+    """Numeric arrays of early-label origins: bytes are concatenated with their lengths.
+
+    A key length of -1 stands for no key; ``early_origin_known`` is False for a label held
+    without an origin.
+    """
+    known = [o is not None for o in origins]
+    present = [o if o is not None else LabelOrigin(0, 0, None, b"") for o in origins]
+    return {
+        "early_origin_known": np.asarray(known, dtype=bool),
+        "early_origin_partition": np.asarray([o.partition for o in present], dtype=np.int32),
+        "early_origin_offset": np.asarray([o.offset for o in present], dtype=np.int64),
+        "early_origin_value_length": np.asarray([len(o.value) for o in present], dtype=np.int64),
+        "early_origin_value_bytes": np.frombuffer(b"".join(o.value for o in present), dtype=np.uint8),
+        "early_origin_key_length": np.asarray([-1 if o.key is None else len(o.key) for o in present], dtype=np.int64),
+        "early_origin_key_bytes": np.frombuffer(b"".join(o.key or b"" for o in present), dtype=np.uint8),
+    }
+
+
+def _split_bytes(data: np.ndarray, lengths: np.ndarray) -> list[bytes | None]:
+    raw = data.tobytes()
+    parts: list[bytes | None] = []
+    start = 0
+    for length in lengths.tolist():
+        if length < 0:
+            parts.append(None)
+            continue
+        parts.append(raw[start:start + length])
+        start += length
+    return parts
+
+
+def _origins_from_state(state: dict[str, np.ndarray]) -> list[LabelOrigin | None]:
+    values = _split_bytes(state["early_origin_value_bytes"], state["early_origin_value_length"])
+    keys = _split_bytes(state["early_origin_key_bytes"], state["early_origin_key_length"])
+    rows = zip(state["early_origin_known"].tolist(), state["early_origin_partition"].tolist(),
+               state["early_origin_offset"].tolist(), values, keys)
+    return [
+        LabelOrigin(partition, offset, key, value) if known else None
+        for known, partition, offset, value, key in rows
+    ]
 
 
 class LabelGate:

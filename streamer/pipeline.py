@@ -22,9 +22,11 @@ import torch
 from .checkpoint import CheckpointData
 from .deadletter import DeadLetter, dead_letter_from
 from .evaluation import PrequentialLog, RollingPrequential
-from .events import decode_labels, decode_transactions
+from .events import TransactionBatch, decode_labels, decode_transactions
+from .faults import crash_point
 from .features import FEATURE_NAMES, FeatureState
-from .labeljoin import Joined, JoinCounts, LabelGate, LabelJoin
+from .ledger import TrainingLedger
+from .labeljoin import DAY_MS, Joined, JoinCounts, LabelGate, LabelJoin, LabelOrigin
 from .metrics import UpdaterMetrics
 from .model import FraudMLP, ModelCheckpoint
 from .settings import Settings
@@ -38,6 +40,11 @@ logger = logging.getLogger(__name__)
 # keeps the state within one day of its 37-day horizon.
 EXPIRE_EVERY_MS = 3_600_000
 PRUNE_EVERY_MS = 86_400_000
+
+DUPLICATE_TRANSACTION = "duplicate transaction id"
+DUPLICATE_LABEL = "duplicate label"
+CONFLICTING_LABEL = "label contradicts an earlier label for this transaction"
+ORPHAN_LABEL = "label for unknown transaction"
 
 
 @dataclass
@@ -80,8 +87,7 @@ class UpdaterPipeline:
             freeze_updates=settings.freeze_updates,
         )
         self.features = initial_features if initial_features is not None else FeatureState()
-        self.join = LabelJoin(len(FEATURE_NAMES), deadline_days=settings.label_deadline_days,
-                              policy=settings.label_deadline_policy)
+        self.join = self._new_join()
         self.gate = LabelGate()
         self._last_transaction_at = time.monotonic()
         self.rolling_live = RollingPrequential()
@@ -91,16 +97,26 @@ class UpdaterPipeline:
         self.watermark_ms = 0  # newest transaction event time of any partition
         self.partition_watermarks: dict[tuple[str, int], int] = {}  # (topic, partition) -> newest event time
         self._partition_active_at: dict[tuple[str, int], float] = {}
+        self._accepted_partitions = np.zeros(0, dtype=np.int64)  # partitions of the screened transactions
         self._last_expire_ms = 0
         self._last_prune_ms = 0
         self._buffer_x: list[np.ndarray] = []
         self._buffer_y: list[np.ndarray] = []
+        self._buffer_ids: list[np.ndarray] = []
         self._buffered = 0
         self._buffer_since = time.monotonic()
         self.recent_features = np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
         self.served_version = 0  # newest exported snapshot version; recorded with each score
         self.batches_since_export = 0
         self.counters = {"transactions": 0, "labels": 0, "examples": 0, "microbatches": 0, "dead_letters": 0}
+        self.ledger = (
+            TrainingLedger(settings.data_dir / "ledger" / f"{settings.model_name}.ids")
+            if settings.training_ledger else None
+        )
+
+    def _new_join(self) -> LabelJoin:
+        return LabelJoin(len(FEATURE_NAMES), deadline_days=self.settings.label_deadline_days,
+                         policy=self.settings.label_deadline_policy, joined_memory=self.settings.dedup_window)
 
     # -- processing ---------------------------------------------------------------------------
 
@@ -121,7 +137,7 @@ class UpdaterPipeline:
             self._last_transaction_at = time.monotonic()
         self._release_labels(outcome, self._label_release_watermark())
         if self.watermark_ms - self._last_expire_ms >= EXPIRE_EVERY_MS:
-            self._expire()
+            self._expire(outcome)
         self._train_full_batches(outcome)
         self._advance_offsets(records, next_offsets)
         self.counters["dead_letters"] += len(outcome.dead_letters)
@@ -130,6 +146,9 @@ class UpdaterPipeline:
         return outcome
 
     def _process_labels(self, records: list, outcome: BatchOutcome) -> None:
+        # NOTE: label times are not checked against the watermark, because a label consumer may
+        # legitimately run far ahead. A label dated years ahead waits in the gate until an idle
+        # release, and then never expires as an orphan.
         batch = decode_labels([r.value for r in records])
         outcome.dead_letters += [dead_letter_from(records[bad.index], bad.reason) for bad in batch.rejected]
         outcome.labels = len(batch)
@@ -154,14 +173,23 @@ class UpdaterPipeline:
         columns, values, keys = self.gate.release(watermark_ms)
         if not len(values):
             return
-        joined, counts = self.join.add_labels(columns["transaction_id"], columns["label"], columns["event_time_ms"])
-        for i in counts.conflicting_positions:
-            outcome.dead_letters.append(DeadLetter(
-                self.settings.topics.labels, int(columns["partition"][i]), int(columns["offset"][i]),
-                keys[i], bytes(values[i]), "label contradicts an earlier label for this transaction",
-            ))
+
+        def origin_at(i: int) -> LabelOrigin:
+            return LabelOrigin(int(columns["partition"][i]), int(columns["offset"][i]), keys[i], bytes(values[i]))
+
+        joined, counts = self.join.add_labels(
+            columns["transaction_id"], columns["label"], columns["event_time_ms"], origin_at
+        )
+        rejected = [(i, CONFLICTING_LABEL) for i in counts.conflicting_positions]
+        if self.settings.dead_letter_duplicate_labels:
+            rejected += [(i, DUPLICATE_LABEL) for i in counts.duplicate_label_positions]
+        for i, reason in sorted(rejected):
+            outcome.dead_letters.append(self._label_dead_letter(origin_at(i), reason))
         self._count_join(counts)
         self._accept_joined(joined)
+
+    def _label_dead_letter(self, origin: LabelOrigin, reason: str) -> DeadLetter:
+        return DeadLetter(self.settings.topics.labels, origin.partition, origin.offset, origin.key, origin.value, reason)
 
     def _label_release_watermark(self) -> int | None:
         """Labels up to the transaction watermark; every label once transactions have been idle."""
@@ -172,13 +200,16 @@ class UpdaterPipeline:
     def _process_transactions(self, records: list, outcome: BatchOutcome) -> None:
         batch = decode_transactions([r.value for r in records])
         outcome.dead_letters += [dead_letter_from(records[bad.index], bad.reason) for bad in batch.rejected]
-        outcome.transactions = len(batch)
-        self.counters["transactions"] += len(batch)
         if not len(batch):
             return
         # Several partitions interleave in one poll: restore event-time order (stable, so each
         # partition keeps its own order for equal times).
         order = np.argsort(batch.event_time_ms, kind="stable")
+        order = self._screen_transactions(records, batch, order, outcome)
+        outcome.transactions = len(order)
+        self.counters["transactions"] += len(order)
+        if not len(order):
+            return
         columns = {
             "transaction_id": batch.transaction_id[order],
             "event_time_ms": batch.event_time_ms[order],
@@ -195,9 +226,44 @@ class UpdaterPipeline:
         joined, counts = self.join.add_transactions(columns, features)
         self._count_join(counts)
         self._watermark(int(columns["event_time_ms"][-1]))
-        partitions = np.fromiter((records[i].partition for i in batch.index[order].tolist()), np.int64, len(order))
-        self._track_partitions(self.settings.topics.transactions, partitions, columns["event_time_ms"])
+        self._track_partitions(self.settings.topics.transactions, self._accepted_partitions, columns["event_time_ms"])
         self._accept_joined(joined)
+
+    def _screen_transactions(
+        self, records: list, batch: TransactionBatch, order: np.ndarray, outcome: BatchOutcome
+    ) -> np.ndarray:
+        """Dead-letter transactions outside the event-time window or seen before; return the order of the rest.
+
+        Both run before the features, so a rejected transaction changes no state.
+        """
+        # Each partition is judged against its own watermark: partitions are consumed at
+        # different paces (one ran 14 event-time days ahead of another in a fast replay), so a
+        # valid transaction may lag the newest time of the whole stream by more than any limit.
+        # NOTE: the first transaction of a partition sets its watermark, so a corrupt but
+        # in-range time there makes later valid ones of that partition look too old.
+        times = batch.event_time_ms[order]
+        partitions = np.fromiter((records[i].partition for i in batch.index[order].tolist()), np.int64, len(order))
+        reasons, topic = [], self.settings.topics.transactions
+        for partition in np.unique(partitions).tolist():
+            positions = np.flatnonzero(partitions == partition)
+            first_in_input = positions[int(np.argmin(order[positions]))]
+            watermark_ms = self.partition_watermarks.get((topic, partition)) or int(times[first_in_input])
+            found = _event_time_reasons(
+                times[positions], watermark_ms, int(self.settings.max_event_time_skew_days * DAY_MS),
+                self.join.deadline_ms,
+            )
+            reasons += [(int(positions[i]), reason) for i, reason in found]
+        keep = np.ones(len(order), dtype=bool)
+        for position, reason in reasons:
+            keep[position] = False
+            outcome.dead_letters.append(dead_letter_from(records[batch.index[order[position]]], reason))
+        order = order[keep]
+        self._accepted_partitions = partitions[keep]
+        seen = self.join.seen(batch.transaction_id[order])
+        for i in order[seen].tolist():
+            outcome.dead_letters.append(dead_letter_from(records[batch.index[i]], DUPLICATE_TRANSACTION))
+        self._accepted_partitions = self._accepted_partitions[~seen]
+        return order[~seen]
 
     def _accept_joined(self, joined: Joined) -> None:
         """Feed joined examples to the terminal fraud counts, the evaluation and the training buffer."""
@@ -217,6 +283,7 @@ class UpdaterPipeline:
             self._buffer_since = time.monotonic()
         self._buffer_x.append(joined.features)
         self._buffer_y.append(joined.label)
+        self._buffer_ids.append(cols["transaction_id"])
         self._buffered += len(joined)
 
     def _count_join(self, counts: JoinCounts) -> None:
@@ -262,9 +329,14 @@ class UpdaterPipeline:
         # whose labels were not yet read (862 of 593,487 in one demo run).
         return min(active) if active else self.watermark_ms
 
-    def _expire(self) -> None:
+    def _expire(self, outcome: BatchOutcome) -> None:
         self._last_expire_ms = self.watermark_ms
         joined, counts = self.join.expire(self.deadline_watermark())
+        for tx_id, origin in counts.orphans:
+            if origin is None:  # held before a restore from a checkpoint without label origins
+                logger.warning("orphan label dropped without a dead letter transaction_id=%d", tx_id)
+                continue
+            outcome.dead_letters.append(self._label_dead_letter(origin, ORPHAN_LABEL))
         self._count_join(counts)
         self._accept_joined(joined)
         if self.watermark_ms - self._last_prune_ms >= PRUNE_EVERY_MS:
@@ -287,15 +359,26 @@ class UpdaterPipeline:
         size = self.settings.microbatch_size
         if self._buffered < size:
             return
-        x = np.concatenate(self._buffer_x)
-        y = np.concatenate(self._buffer_y)
+        x, y, ids = self._take_buffer()
         start = 0
         while len(y) - start >= size:
-            outcome.steps.append(self._train(x[start:start + size], y[start:start + size]))
+            outcome.steps.append(self._train(x[start:start + size], y[start:start + size], ids[start:start + size]))
             start += size
-        self._buffer_x, self._buffer_y = [x[start:]], [y[start:]]
+        self._buffer_x, self._buffer_y, self._buffer_ids = [x[start:]], [y[start:]], [ids[start:]]
         self._buffered = len(y) - start
         self._buffer_since = time.monotonic()
+
+    def _buffer_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The joined, not yet trained examples: (features, labels, transaction ids)."""
+        x = np.concatenate(self._buffer_x) if self._buffer_x else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+        y = np.concatenate(self._buffer_y) if self._buffer_y else np.zeros(0, np.int8)
+        ids = np.concatenate(self._buffer_ids) if self._buffer_ids else np.zeros(0, np.int64)
+        return x.astype(np.float32, copy=False), y.astype(np.int8, copy=False), ids.astype(np.int64, copy=False)
+
+    def _take_buffer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        arrays = self._buffer_arrays()
+        self._buffer_x, self._buffer_y, self._buffer_ids, self._buffered = [], [], [], 0
+        return arrays
 
     def on_idle(self) -> BatchOutcome:
         """Called when a poll returned nothing: release idle labels, train a stale micro-batch."""
@@ -313,13 +396,14 @@ class UpdaterPipeline:
         """Train a partial micro-batch once it is older than the configured maximum age."""
         if self._buffered == 0 or time.monotonic() - self._buffer_since < self.settings.microbatch_max_age_seconds:
             return []
-        x, y = np.concatenate(self._buffer_x), np.concatenate(self._buffer_y)
-        self._buffer_x, self._buffer_y, self._buffered = [], [], 0
-        return [self._train(x, y)]
+        return [self._train(*self._take_buffer())]
 
-    def _train(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+    def _train(self, x: np.ndarray, y: np.ndarray, transaction_ids: np.ndarray) -> StepResult:
         result = self.trainer.step(x, y)
+        crash_point("microbatch.trained")
         self.counters["microbatches"] += 1
+        if result.applied and self.ledger is not None:
+            self.ledger.append(transaction_ids)
         if not result.applied:
             # The examples came from labels read up to these offsets; the model is unchanged.
             logger.warning("non-finite micro-batch not applied examples=%d input_offsets=%s",
@@ -357,26 +441,20 @@ class UpdaterPipeline:
     def checkpoint_data(self, extra_meta: dict) -> CheckpointData:
         meta = {
             "model_name": self.settings.model_name, "watermark_ms": self.watermark_ms,
+            "partition_watermarks": [[t, p, w] for (t, p), w in self.partition_watermarks.items()],
             "served_version": self.served_version, "counters": dict(self.counters),
             "source_sha256": self.source.sha256, **extra_meta,
         }
         join = self.join.state_dict()
         # Joined but not yet trained examples: their labels' offsets are already in this checkpoint.
-        join["buffer_features"] = self._buffered_features()
-        join["buffer_labels"] = self._buffered_labels()
+        join["buffer_features"], join["buffer_labels"], join["buffer_transaction_ids"] = self._buffer_arrays()
+        if self.ledger is not None:
+            meta["ledger_ids"] = self.ledger.sync()
         join.update(self.gate.state_dict())
         return CheckpointData(
             trainer=self.trainer.state_dict(), features=self.features.state_dict(), join=join,
             offsets={t: dict(p) for t, p in self.offsets.items()}, meta=meta,
         )
-
-    def _buffered_features(self) -> np.ndarray:
-        if not self._buffer_x:
-            return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
-        return np.concatenate(self._buffer_x).astype(np.float32, copy=False)
-
-    def _buffered_labels(self) -> np.ndarray:
-        return np.concatenate(self._buffer_y).astype(np.int8) if self._buffer_y else np.zeros(0, dtype=np.int8)
 
     def restore(self, data: CheckpointData) -> None:
         """Continue from a checkpoint: model, optimiser, features, join, offsets and counters."""
@@ -387,17 +465,22 @@ class UpdaterPipeline:
             )
         self.trainer.load_state_dict(data.trainer)
         self.features = FeatureState.from_state_dict(data.features)
-        self.join = LabelJoin(len(FEATURE_NAMES), deadline_days=self.settings.label_deadline_days,
-                              policy=self.settings.label_deadline_policy)
+        self.join = self._new_join()
         self.join.load_state_dict(data.join)
         self.gate = LabelGate()
         self.gate.load_state_dict(data.join)
         self._buffer_x = [np.asarray(data.join["buffer_features"], dtype=np.float32).reshape(-1, len(FEATURE_NAMES))]
         self._buffer_y = [np.asarray(data.join["buffer_labels"], dtype=np.int8)]
         self._buffered = len(self._buffer_y[0])
+        # Checkpoints written before ids were kept: -1 marks an unknown id in the ledger.
+        ids = data.join.get("buffer_transaction_ids", np.full(self._buffered, -1, dtype=np.int64))
+        self._buffer_ids = [np.asarray(ids, dtype=np.int64)]
         self._buffer_since = time.monotonic()
+        if self.ledger is not None and "ledger_ids" in data.meta:
+            self.ledger.truncate(int(data.meta["ledger_ids"]))
         self.offsets = {t: dict(p) for t, p in data.offsets.items()}
         self.watermark_ms = int(data.meta.get("watermark_ms", 0))
+        self.partition_watermarks = {(str(t), int(p)): int(w) for t, p, w in data.meta.get("partition_watermarks", [])}
         self._last_expire_ms = self.watermark_ms
         self.served_version = int(data.meta.get("served_version", 0))
         self.counters.update(data.meta.get("counters", {}))
@@ -405,3 +488,33 @@ class UpdaterPipeline:
     def set_threads(self) -> None:
         """Limit torch to one intra-op thread in the calling thread's process (call once, in the pipeline thread)."""
         torch.set_num_threads(1)
+
+
+def _event_time_reasons(
+    times: np.ndarray, watermark_ms: int, max_ahead_ms: int, max_behind_ms: int
+) -> list[tuple[int, str]]:
+    """Return (position, reason) of the sorted event times too far ahead of or behind the watermark.
+
+    Each accepted time moves the watermark, so a time is judged against the newest accepted
+    time before it. After the first gap of more than ``max_ahead_ms``, every later time is
+    rejected too, because rejected times do not move the watermark.
+    """
+    newest_before = np.maximum(watermark_ms, np.concatenate(([watermark_ms], times[:-1])))
+    ahead = np.logical_or.accumulate(times > newest_before + max_ahead_ms)
+    behind = times < watermark_ms - max_behind_ms
+    reasons = []
+    for position in np.flatnonzero(behind).tolist():
+        reasons.append((position, (
+            f"event_time {int(times[position])} is {(watermark_ms - int(times[position])) / DAY_MS:.1f} days "
+            f"behind the transaction watermark {watermark_ms}, beyond the label deadline of "
+            f"{max_behind_ms / DAY_MS:g} days (STREAMER_LABEL_DEADLINE_DAYS)"
+        )))
+    if ahead.any():
+        accepted_ms = int(newest_before[int(np.argmax(ahead))])
+        for position in np.flatnonzero(ahead).tolist():
+            reasons.append((position, (
+                f"event_time {int(times[position])} is {(int(times[position]) - accepted_ms) / DAY_MS:.1f} days "
+                f"ahead of the transaction watermark {accepted_ms}, beyond the limit of "
+                f"{max_ahead_ms / DAY_MS:g} days (STREAMER_MAX_EVENT_TIME_SKEW_DAYS)"
+            )))
+    return reasons

@@ -55,6 +55,17 @@ class Settings:
     # event time. After this many wall-clock seconds without transactions they are
     # released anyway, so that an idle transaction stream does not hold labels back.
     label_release_idle_seconds: float = 3.0
+    # STREAMER_MAX_EVENT_TIME_SKEW_DAYS: event-time days a transaction may be ahead of the
+    # newest earlier transaction of its partition. A later one is dead-lettered instead of
+    # moving the watermark, and so is one more than the label deadline behind it.
+    max_event_time_skew_days: float = 30.0
+    # STREAMER_DEDUP_WINDOW: joined transaction ids remembered to reject a repeated
+    # transaction or label. A repeat of a transaction that left the join (joined or expired)
+    # more than this many transactions ago is not detected.
+    dedup_window: int = 500_000
+    # STREAMER_DEAD_LETTER_DUPLICATE_LABELS: send a repeated label (same value again) to the
+    # dead-letter topic. When off, it is only counted in streamer_labels_rejected_total.
+    dead_letter_duplicate_labels: bool = False
 
     # STREAMER_MICROBATCH_SIZE: joined examples per micro-batch.
     microbatch_size: int = 512
@@ -75,6 +86,9 @@ class Settings:
     # STREAMER_CHECKPOINT_INTERVAL_SECONDS: wall-clock seconds between checkpoints; the
     # offsets of the events a checkpoint includes are committed right after it.
     checkpoint_interval_seconds: float = 10.0
+    # STREAMER_TRAINING_LEDGER: record the transaction id of every trained example in
+    # <data_dir>/ledger/<model>.ids (8 bytes per example; see streamer.ledger).
+    training_ledger: bool = False
     # STREAMER_EXPORT_EVERY_BATCHES: micro-batches between two snapshot exports.
     export_every_batches: int = 100
     # STREAMER_EXPORT_INTERVAL_SECONDS: wall-clock seconds after which a snapshot is
@@ -97,9 +111,13 @@ class Settings:
             raise ConfigurationError(
                 f"label_deadline_policy must be 'genuine' or 'drop', got {self.label_deadline_policy!r}"
             )
-        for name in ("partitions", "microbatch_size", "export_every_batches", "snapshot_retention"):
+        for name in ("partitions", "microbatch_size", "export_every_batches", "snapshot_retention", "dedup_window"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.max_event_time_skew_days > 0:
+            raise ConfigurationError(
+                f"max_event_time_skew_days must be a positive number of days, got {self.max_event_time_skew_days!r}"
+            )
         if self.l2sp_lambda < 0 or self.learning_rate <= 0:
             raise ConfigurationError("l2sp_lambda must be >= 0 and learning_rate > 0")
 

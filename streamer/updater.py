@@ -30,6 +30,7 @@ from exporters import SnapshotStore, encode_announcement
 from .checkpoint import CheckpointStore
 from .deadletter import DeadLetter
 from .errors import BrokerError
+from .faults import crash_point
 from .export_process import export_pool, export_serialised, serialise_model
 from .features import FEATURE_NAMES
 from .kafka import consumer_kwargs, producer_kwargs
@@ -101,6 +102,9 @@ class Updater:
         if data is not None:
             await self._in_pipeline(self.pipeline.restore, data)
             logger.info("resuming from checkpoint offsets=%s", data.offsets)
+        elif self.pipeline.ledger is not None:
+            # No checkpoint: training starts again from the source, and so does its ledger.
+            await self._in_pipeline(self.pipeline.ledger.truncate, 0)
         s = self.settings
         self._producer = AIOKafkaProducer(**producer_kwargs(s))
         await self._producer.start()
@@ -140,6 +144,8 @@ class Updater:
                 if client is not None:
                     await client.stop()
         self._pipeline_thread.shutdown()
+        if self.pipeline.ledger is not None:
+            self.pipeline.ledger.close()
         self._export_thread.shutdown()
         self._export_process.shutdown(cancel_futures=True)
         logger.info("updater stopped counters=%s", self.pipeline.counters)
@@ -274,7 +280,9 @@ class Updater:
             model_bytes, offsets, metrics = await self._in_pipeline(self._freeze_for_export)
             probe = self._probe if len(self._probe) else self._synthetic_probe()
             result = await loop.run_in_executor(self._export_process, export_serialised, model_bytes, probe)
+            crash_point("export.converted")
             manifest = await loop.run_in_executor(self._export_thread, self._publish, result, offsets, metrics)
+            crash_point("export.published")
         except Exception:
             self.metrics.export_failures.inc()
             logger.exception("snapshot export failed model=%s; the previous snapshot keeps serving", self.settings.model_name)

@@ -58,6 +58,21 @@ def parent_death_signal() -> None:
         os._exit(127)
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Like `parent_death_signal`, for a child that runs Python code of its own.
+
+    A spawned child (multiprocessing "spawn", a pool initializer) runs no at-fork hook,
+    so its parent's pid is passed in. Without this, an updater killed with SIGKILL left its
+    export process running (seen in tests/e2e/test_updater_crash.py).
+    """
+    if _libc is None:
+        return
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(127)  # the parent died before prctl ran
+
+
 def _raise_system_exit(signum: int, frame) -> None:
     raise SystemExit(128 + signum)
 
