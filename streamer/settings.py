@@ -75,6 +75,10 @@ class Settings:
     # STREAMER_CHECKPOINT_INTERVAL_SECONDS: wall-clock seconds between checkpoints; the
     # offsets of the events a checkpoint includes are committed right after it.
     checkpoint_interval_seconds: float = 10.0
+    # STREAMER_INFERENCE_CHECKPOINT_INTERVAL_SECONDS: wall-clock seconds between checkpoints
+    # of the inference worker's feature state. Its offsets are committed right after each,
+    # and a restart scores again the transactions consumed since the last one.
+    inference_checkpoint_interval_seconds: float = 5.0
     # STREAMER_EXPORT_EVERY_BATCHES: micro-batches between two snapshot exports.
     export_every_batches: int = 100
     # STREAMER_EXPORT_INTERVAL_SECONDS: wall-clock seconds after which a snapshot is
@@ -102,10 +106,18 @@ class Settings:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.l2sp_lambda < 0 or self.learning_rate <= 0:
             raise ConfigurationError("l2sp_lambda must be >= 0 and learning_rate > 0")
+        if not self.inference_checkpoint_interval_seconds >= 0:
+            raise ConfigurationError(
+                "inference_checkpoint_interval_seconds must be at least 0, "
+                f"got {self.inference_checkpoint_interval_seconds}"
+            )
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.data_dir / "checkpoints" / self.model_name
+
+    def inference_checkpoint_dir(self, worker_id: str) -> Path:
+        return self.data_dir / "inference-checkpoints" / self.model_name / worker_id
 
     @property
     def snapshot_dir(self) -> Path:
