@@ -22,7 +22,7 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from .checkpoint import CheckpointData, CheckpointStore
-from .features import FeatureState
+from .features import DAY_MS, FeatureState
 from .labeljoin import LabelJoin
 
 logger = logging.getLogger(__name__)
@@ -89,9 +89,16 @@ class InferenceState:
         """Replace the state with a checkpoint's; ``labels`` must still be empty.
 
         Raises:
-            CheckpointError: the feature state is inconsistent or was saved with other windows.
+            CheckpointError: the feature state is inconsistent or was saved with other windows
+                than the current state's.
         """
-        self.features = FeatureState.from_state_dict(data.features)
+        current = self.features
+        self.features = FeatureState.from_state_dict(
+            data.features,
+            customer_windows_days=[ms / DAY_MS for ms in current.customer_windows_ms],
+            terminal_windows_days=[ms / DAY_MS for ms in current.terminal_windows_ms],
+            terminal_delay_days=current.terminal_delay_ms / DAY_MS,
+        )
         self.labels.load_state_dict(data.join)
         self.offsets = {topic: dict(parts) for topic, parts in data.offsets.items()}
         self.scored = int(data.meta.get("scored", 0))
