@@ -147,6 +147,9 @@ class InferenceWorker:
 
         The offsets are read in the score thread, after the batch it may be processing, so
         that no record is applied to the state twice.
+
+        NOTE: one state covers every partition this worker consumed. With several workers in
+        the group, a partition that moves to another worker resumes with that worker's state.
         """
         offsets = await self._in_score_thread(self.state.copy_offsets)
         for tp in assigned:
@@ -368,8 +371,8 @@ class InferenceWorker:
         try:
             written = await self._in_score_thread(self.checkpoints.save_if_changed, self.state, meta)
         except (OSError, CheckpointError) as exc:
-            # Scoring goes on; offsets stay uncommitted until a checkpoint succeeds.
-            logger.error("inference checkpoint failed directory=%s error=%r", self.checkpoints.store.directory, exc)
+            logger.error("inference checkpoint failed, offsets stay uncommitted until the next one succeeds "
+                         "directory=%s error=%r", self.checkpoints.store.directory, exc)
             return
         if written:
             self.metrics.checkpoints.inc()

@@ -8,7 +8,7 @@ and a restarted worker restores it and seeks to those offsets. It then computes 
 features as a worker that was never interrupted.
 
 On disk this is the updater's checkpoint layout (`streamer.checkpoint.CheckpointStore`)
-without ``trainer.pt``: ``ckpt-NNNNNN/`` holds ``features.npz``, ``join.npz`` (loaded with
+without ``trainer.pt``: ``ckpt-NNNNNN/`` contains ``features.npz``, ``join.npz`` (loaded with
 ``allow_pickle=False``) and ``meta.json``, and ``LATEST`` names the newest one.
 """
 
@@ -32,7 +32,7 @@ FORMAT = "streamer-inference-checkpoint/1"
 
 @dataclass
 class InferenceState:
-    """What the worker has learnt from the stream. Only its score thread reads or changes it."""
+    """The worker's feature state, label-join memory and offsets. Only its score thread reads or changes them."""
 
     features: FeatureState
     # Transactions waiting for their label, and the ids already labelled, so that a label
@@ -71,7 +71,7 @@ class InferenceState:
         """Drop the offsets of partitions whose consumer was reset to their beginning.
 
         Kept, the old offsets would make a restart seek beyond the records that the
-        partition holds now.
+        partition contains now.
         """
         for tp in partitions:
             self.offsets.get(tp.topic, {}).pop(tp.partition, None)
@@ -136,6 +136,8 @@ class InferenceCheckpoints:
         the included records acknowledged, because a restart resumes after them.
         """
         # Every change to the state comes with records, so equal offsets mean an equal state.
+        # NOTE: the inference worker never prunes its feature state, so each checkpoint is
+        # larger than the last, by every customer and terminal entry seen since.
         if state.offsets == (self._written_offsets or {}):
             return False
         data = state.checkpoint_data(meta)
@@ -146,7 +148,7 @@ class InferenceCheckpoints:
 
 
 def assigned_offsets(offsets: dict[str, dict[int, int]], assignment: set) -> dict[TopicPartition, int]:
-    """The offsets of the partitions in ``assignment``, keyed for ``AIOKafkaConsumer.commit``."""
+    """Return the offsets of the partitions in ``assignment``, keyed for ``AIOKafkaConsumer.commit``."""
     return {
         TopicPartition(topic, partition): offset
         for topic, parts in offsets.items() for partition, offset in parts.items()

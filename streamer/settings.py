@@ -108,8 +108,8 @@ class Settings:
             raise ConfigurationError("l2sp_lambda must be >= 0 and learning_rate > 0")
         if not self.inference_checkpoint_interval_seconds >= 0:
             raise ConfigurationError(
-                "inference_checkpoint_interval_seconds must be at least 0, "
-                f"got {self.inference_checkpoint_interval_seconds}"
+                "inference_checkpoint_interval_seconds (STREAMER_INFERENCE_CHECKPOINT_INTERVAL_SECONDS) "
+                f"must be 0 or more seconds, got {self.inference_checkpoint_interval_seconds}"
             )
 
     @property

@@ -5,7 +5,7 @@ The test publishes snapshots v1 and v2 and starts `streamer serve` as a process.
 some of them and written a checkpoint, the test kills it with SIGKILL. While it is down,
 the test announces v3 and then an invalid v4. A second worker process with the same
 consumer group and data folder resumes from the checkpoint, and it must serve v3. Worker 1
-served v2 only, so a score's version tells which worker produced it.
+served v2 only, so a score's version shows which worker produced it.
 
 Features are deterministic here: a customer's transactions share a key, hence a partition
 and their order, and the terminal windows end 7 days before each transaction, before the
