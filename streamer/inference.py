@@ -356,8 +356,10 @@ class InferenceWorker:
 
         Steps: 1. wait until the broker acknowledged every score and dead letter sent, because
         a restart resumes after the checkpoint's offsets; 2. write the checkpoint in the score
-        thread, between two batches; 3. commit its offsets. A failed commit is made again at
-        the next call, because committing the same offsets again is idempotent.
+        thread, between two batches; 3. commit its offsets. The offsets of the newest checkpoint
+        are committed at every call, also when unchanged, because committing them again is
+        idempotent, and a failed commit shows a broker outage in the metrics while no record
+        comes.
         """
         self._last_checkpoint = time.monotonic()
         try:
@@ -371,16 +373,12 @@ class InferenceWorker:
         try:
             written = await self._in_score_thread(self.checkpoints.save_if_changed, self.state, meta)
         except (OSError, CheckpointError) as exc:
-            logger.error("inference checkpoint failed, offsets stay uncommitted until the next one succeeds "
+            logger.error("inference checkpoint failed, so the offsets consumed since the last one stay uncommitted "
                          "directory=%s error=%r", self.checkpoints.store.directory, exc)
             return
         if written:
             self.metrics.checkpoints.inc()
             self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
-        if self.checkpoints.uncommitted is not None:
-            await self._commit(self.checkpoints.uncommitted)
-
-    async def _commit(self, offsets: dict[str, dict[int, int]]) -> None:
-        to_commit = assigned_offsets(offsets, self._consumer.assignment())
-        if to_commit and await commit(self._consumer, to_commit, metrics=self.metrics):
-            self.checkpoints.uncommitted = None
+        to_commit = assigned_offsets(self.checkpoints.offsets, self._consumer.assignment())
+        if to_commit:
+            await commit(self._consumer, to_commit, metrics=self.metrics)

@@ -105,13 +105,12 @@ class InferenceState:
 
 
 class InferenceCheckpoints:
-    """Writes an `InferenceState` to its folder when it changed, and keeps the offsets to commit."""
+    """Writes an `InferenceState` to its folder when it changed, and keeps the offsets it may commit."""
 
     def __init__(self, directory: Path) -> None:
         self.store = CheckpointStore(directory, checkpoint_format=FORMAT)
-        self._written_offsets: dict[str, dict[int, int]] | None = None
-        # Offsets of the newest checkpoint until the broker accepts their commit.
-        self.uncommitted: dict[str, dict[int, int]] | None = None
+        # Offsets of the newest checkpoint written or restored: the only ones safe to commit.
+        self.offsets: dict[str, dict[int, int]] = {}
 
     def restore_latest(self, state: InferenceState) -> bool:
         """Restore ``state`` from the newest checkpoint; return False if there is none.
@@ -124,7 +123,7 @@ class InferenceCheckpoints:
         if data is None:
             return False
         state.restore(data)
-        self._written_offsets = state.copy_offsets()
+        self.offsets = state.copy_offsets()
         logger.info("inference state restored directory=%s offsets=%s scored=%d served_version=%s",
                     self.store.directory, data.offsets, state.scored, data.meta.get("served_version"))
         return True
@@ -138,12 +137,11 @@ class InferenceCheckpoints:
         # Every change to the state comes with records, so equal offsets mean an equal state.
         # NOTE: the inference worker never prunes its feature state, so each checkpoint is
         # larger than the last, by every customer and terminal entry seen since.
-        if state.offsets == (self._written_offsets or {}):
+        if state.offsets == self.offsets:
             return False
         data = state.checkpoint_data(meta)
         self.store.save(data)
-        self._written_offsets = data.offsets
-        self.uncommitted = data.offsets
+        self.offsets = data.offsets
         return True
 
 

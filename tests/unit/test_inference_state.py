@@ -209,7 +209,13 @@ def test_save_if_changed_skips_unchanged_state(round_trip: RoundTrip, tmp_path: 
 def test_save_if_changed_keeps_offsets_to_commit(round_trip: RoundTrip, tmp_path: Path):
     checkpoints = InferenceCheckpoints(tmp_path)
     checkpoints.save_if_changed(round_trip.before, {})
-    assert checkpoints.uncommitted == round_trip.before.offsets
+    assert checkpoints.offsets == round_trip.before.offsets
+
+
+def test_restore_latest_keeps_offsets_to_commit(round_trip: RoundTrip):
+    checkpoints = InferenceCheckpoints(round_trip.folder.parent)
+    checkpoints.restore_latest(new_state())
+    assert checkpoints.offsets == round_trip.before.offsets
 
 
 def test_save_if_changed_skips_empty_state(tmp_path: Path):
