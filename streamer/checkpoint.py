@@ -8,7 +8,8 @@ Offsets are committed to Kafka only after the checkpoint that includes them is d
 On disk: ``<dir>/ckpt-000042/`` holds ``trainer.pt`` (tensors and plain values, loaded with
 ``weights_only=True``), ``features.npz`` and ``join.npz`` (loaded with
 ``allow_pickle=False``) and ``meta.json`` (offsets, counters, SHA-256 of the other files).
-``<dir>/LATEST`` names the newest complete checkpoint.
+``<dir>/LATEST`` names the newest complete checkpoint. The inference worker stores its
+state in the same layout without ``trainer.pt`` and under its own format name.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ KEEP = 2  # complete checkpoints kept; the older one is a fallback if the newest
 class CheckpointData:
     """The state one checkpoint carries."""
 
-    trainer: dict  # MicroBatchTrainer.state_dict()
+    trainer: dict | None  # MicroBatchTrainer.state_dict(); None writes no trainer.pt
     features: dict[str, np.ndarray]
     join: dict[str, np.ndarray]
     offsets: dict[str, dict[int, int]]  # topic -> partition -> next offset to read
@@ -75,10 +76,15 @@ def _write_file(path: Path, data: bytes) -> None:
 
 
 class CheckpointStore:
-    """Writes and reads the updater checkpoints of one model."""
+    """Writes and reads the checkpoints of one model (or one inference worker) in one folder.
 
-    def __init__(self, directory: Path) -> None:
+    ``checkpoint_format`` is written into each meta.json, and a checkpoint of another format
+    is rejected on load, so that one worker never resumes from another kind's state.
+    """
+
+    def __init__(self, directory: Path, checkpoint_format: str = FORMAT) -> None:
         self.directory = Path(directory)
+        self.checkpoint_format = checkpoint_format
 
     def latest_sequence(self) -> int | None:
         try:
@@ -104,14 +110,15 @@ class CheckpointStore:
 
         # 1. Files, each fsynced, with their digests in meta.json.
         files = {
-            "trainer.pt": _torch_bytes(data.trainer),
             "features.npz": _npz_bytes(data.features),
             "join.npz": _npz_bytes(data.join),
         }
+        if data.trainer is not None:
+            files["trainer.pt"] = _torch_bytes(data.trainer)
         for name, blob in files.items():
             _write_file(tmp / name, blob)
         meta = {
-            "format": FORMAT,
+            "format": self.checkpoint_format,
             "sequence": sequence,
             "created_at": time.time(),
             "offsets": {t: {str(p): o for p, o in parts.items()} for t, parts in data.offsets.items()},
@@ -156,8 +163,10 @@ class CheckpointStore:
             meta = json.loads((folder / "meta.json").read_bytes())
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {folder} has no readable meta.json: {exc}") from exc
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"checkpoint {folder} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.get("format") != self.checkpoint_format:
+            raise CheckpointError(
+                f"checkpoint {folder} has format {meta.get('format')!r}, expected {self.checkpoint_format!r}"
+            )
         blobs = {}
         for name, expected in meta["sha256"].items():
             try:
@@ -171,13 +180,7 @@ class CheckpointStore:
                 raise CheckpointError(f"checkpoint file {folder / name} does not match its SHA-256; it is corrupt")
             blobs[name] = blob
 
-        try:
-            trainer = torch.load(io.BytesIO(blobs["trainer.pt"]), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError) as exc:
-            raise CheckpointError(
-                f"checkpoint file {folder / 'trainer.pt'} failed to load with weights_only=True "
-                f"({type(exc).__name__}): it contains objects other than tensors and plain values"
-            ) from exc
+        trainer = _load_trainer(folder, blobs["trainer.pt"]) if "trainer.pt" in blobs else None
         with np.load(io.BytesIO(blobs["features.npz"]), allow_pickle=False) as npz:
             features = {k: npz[k] for k in npz.files}
         with np.load(io.BytesIO(blobs["join.npz"]), allow_pickle=False) as npz:
@@ -185,3 +188,13 @@ class CheckpointStore:
         offsets = {t: {int(p): int(o) for p, o in parts.items()} for t, parts in meta["offsets"].items()}
         logger.info("checkpoint loaded sequence=%d offsets=%s", sequence, meta["offsets"])
         return CheckpointData(trainer=trainer, features=features, join=join, offsets=offsets, meta=meta["meta"])
+
+
+def _load_trainer(folder: Path, blob: bytes) -> dict:
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint file {folder / 'trainer.pt'} failed to load with weights_only=True "
+            f"({type(exc).__name__}): it contains objects other than tensors and plain values"
+        ) from exc

@@ -7,7 +7,12 @@ consumer group, so that every worker receives every announcement. Scores go to
 
 A snapshot is verified (SHA-256, feature schema, probe batch) and swapped in between two
 batches; a bad one is rejected and logged while the previous one keeps serving. No
-transaction is scored before the first snapshot is loaded.
+transaction is scored before the newest valid snapshot on the topic at start is loaded.
+
+The feature state is checkpointed with the offsets it includes (`streamer.inference_state`)
+every ``inference_checkpoint_interval_seconds``, and only then are those offsets committed.
+A restarted worker restores the newest checkpoint and seeks to its offsets, so that every
+transaction is scored at least once, with the features an uninterrupted worker computes.
 """
 
 from __future__ import annotations
@@ -19,14 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from exporters import decode_announcement, resolve_snapshot_bytes
 
 from .deadletter import DeadLetter, dead_letter_from
-from .errors import BrokerError, SnapshotError
+from .errors import BrokerError, CheckpointError, SnapshotError
 from .events import decode_labels, decode_transactions
 from .features import FeatureState
+from .inference_state import InferenceCheckpoints, InferenceState, assigned_offsets
 from .kafka import consumer_kwargs, producer_kwargs
 from .labeljoin import LabelJoin
 from .metrics import InferenceMetrics
@@ -38,9 +44,19 @@ logger = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 200
 MAX_RECORDS_PER_POLL = 4000
-COMMIT_INTERVAL_SECONDS = 1.0
 # Produce requests (score batches and dead letters) allowed in flight before waiting for acks.
 MAX_INFLIGHT_SENDS = 64
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: "InferenceWorker") -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        pass  # the offsets of the last checkpoint are committed already, or at the next one
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self.worker.seek_assigned(assigned)
 
 
 class InferenceWorker:
@@ -53,9 +69,13 @@ class InferenceWorker:
         self.settings = settings
         self.metrics = metrics
         self.worker_id = worker_id
-        self.features = initial_features if initial_features is not None else FeatureState()
-        # Only the transaction time and terminal are needed when a label comes.
-        self._labels = LabelJoin(0, deadline_days=settings.label_deadline_days, policy="drop", joined_memory=100_000)
+        # A checkpoint, when there is one, replaces the initial features in start().
+        self.state = InferenceState(
+            initial_features if initial_features is not None else FeatureState(),
+            # Only the transaction time and terminal are needed when a label comes.
+            LabelJoin(0, deadline_days=settings.label_deadline_days, policy="drop", joined_memory=100_000),
+        )
+        self.checkpoints = InferenceCheckpoints(settings.inference_checkpoint_dir(worker_id))
         self.served: ServedModel | None = None
         self._score_thread = ThreadPoolExecutor(1, thread_name_prefix="score")
         self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="snapshot-load")
@@ -65,15 +85,29 @@ class InferenceWorker:
         self._stopping = asyncio.Event()
         self._model_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._last_commit = time.monotonic()
+        self._last_checkpoint = time.monotonic()
         # Sent but not yet acknowledged, kept with their records so that they can be sent again.
         self._inflight: list[RetainedSend] = []
-        self.scored = 0
+
+    @property
+    def features(self) -> FeatureState:
+        return self.state.features
+
+    @property
+    def scored(self) -> int:
+        """Transactions scored; a restarted worker counts on from its checkpoint."""
+        return self.state.scored
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Restore the newest checkpoint, connect, and start following snapshots and scoring.
+
+        Raises:
+            CheckpointError: the newest checkpoint is corrupt or of another kind.
+        """
         s = self.settings
+        await self._in_score_thread(self.checkpoints.restore_latest, self.state)
         self._producer = AIOKafkaProducer(**producer_kwargs(s))
         await self._producer.start()
         snapshot_kwargs = consumer_kwargs(s, group_id=None)
@@ -84,7 +118,7 @@ class InferenceWorker:
         await self._snapshots.seek_to_beginning(tp)
         self._consumer = AIOKafkaConsumer(**consumer_kwargs(s, group_id=f"{s.consumer_group_prefix}-inference"))
         await self._consumer.start()
-        self._consumer.subscribe([s.topics.transactions, s.topics.labels])
+        self._consumer.subscribe([s.topics.transactions, s.topics.labels], listener=_Rebalance(self))
         self._tasks = [
             asyncio.create_task(self._follow_snapshots(), name="snapshot-follower"),
             asyncio.create_task(self._run(), name="inference-loop"),
@@ -92,11 +126,15 @@ class InferenceWorker:
         logger.info("inference worker started id=%s group=%s-inference", self.worker_id, s.consumer_group_prefix)
 
     async def stop(self) -> None:
+        """Stop scoring, write a final checkpoint, commit its offsets and disconnect."""
         self._stopping.set()
         self._model_ready.set()  # release a loop still waiting for its first snapshot
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._consumer is not None:
-            await self._commit()
+        outcomes = await asyncio.gather(*self._tasks, return_exceptions=True)
+        if any(isinstance(outcome, BaseException) for outcome in outcomes):
+            # A batch may be in the state without its scores sent: keep the last good checkpoint.
+            logger.error("inference loop had failed or was cancelled; stopping without a final checkpoint")
+        elif self._consumer is not None:
+            await self.checkpoint()
         for client in (self._consumer, self._snapshots, self._producer):
             if client is not None:
                 await client.stop()
@@ -104,46 +142,77 @@ class InferenceWorker:
         self._load_thread.shutdown()
         logger.info("inference worker stopped id=%s scored=%d", self.worker_id, self.scored)
 
+    async def seek_assigned(self, assigned) -> None:
+        """Seek newly assigned partitions to the offsets that the feature state includes.
+
+        The offsets are read in the score thread, after the batch it may be processing, so
+        that no record is applied to the state twice.
+
+        NOTE: one state covers every partition this worker consumed. With several workers in
+        the group, a partition that moves to another worker resumes with that worker's state.
+        """
+        offsets = await self._in_score_thread(self.state.copy_offsets)
+        for tp in assigned:
+            offset = offsets.get(tp.topic, {}).get(tp.partition)
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+        logger.info("partitions assigned %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+
+    async def _in_score_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._score_thread, fn, *args)
+
     # -- snapshots ----------------------------------------------------------------------------
 
     async def _follow_snapshots(self) -> None:
         while not self._stopping.is_set():
             batches = await self._snapshots.getmany(timeout_ms=POLL_TIMEOUT_MS)
             key = self.settings.model_name.encode()
-            # Several models may share the topic: only this model's newest announcement counts.
+            # Several models may share the topic: only this model's announcements count. The
+            # newest valid one wins, so after an invalid one the one before it is tried.
             mine = [r for part in batches.values() for r in part if r.key == key]
-            if mine:
-                await self._consider(mine[-1].value)
-            elif not batches:
+            for record in reversed(mine):
+                if await self._consider(record.value):
+                    break
+            if not batches:
                 await reset_positions_beyond_end(self._snapshots)
+            if self.served is not None and not self._model_ready.is_set() and await self._read_to_end():
+                self._model_ready.set()
 
-    async def _consider(self, value: bytes) -> None:
+    async def _read_to_end(self) -> bool:
+        # The high watermark comes with each fetch response and, unlike end_offsets(), is
+        # exact on the embedded broker.
+        tp = TopicPartition(self.settings.topics.model_snapshots, 0)
+        highwater = self._snapshots.highwater(tp)
+        return highwater is not None and await self._snapshots.position(tp) >= highwater
+
+    async def _consider(self, value: bytes) -> bool:
+        """Swap in the announced snapshot if it is newer and valid; return False if it was rejected."""
         try:
             announcement = decode_announcement(value)
         except SnapshotError as exc:
             self._reject("invalid_announcement", f"invalid snapshot announcement: {exc}")
-            return
+            return False
         manifest = announcement.manifest
         if manifest.model_name != self.settings.model_name:
-            return
+            return False
         if self.served is not None and manifest.version <= self.served.version:
-            return
+            return True
         try:
             served = await asyncio.get_running_loop().run_in_executor(
                 self._load_thread, self._load, announcement
             )
         except SnapshotError as exc:
             self._reject("invalid_snapshot", f"snapshot v{manifest.version} rejected: {exc}")
-            return
+            return False
         previous = self.served.version if self.served is not None else 0
         self.served = served
         delay = max(0.0, time.time() - manifest.created_at)
         self.metrics.update_to_serving.observe(delay)
         self.metrics.snapshots_loaded.inc()
         self.metrics.model_version.set(manifest.version)
-        self._model_ready.set()
         logger.info("snapshot swapped in model=%s version=%d previous=%d update_to_serving_seconds=%.3f",
                     manifest.model_name, manifest.version, previous, delay)
+        return True
 
     def _load(self, announcement) -> ServedModel:
         return build_served_model(announcement.manifest, resolve_snapshot_bytes(announcement))
@@ -166,21 +235,22 @@ class InferenceWorker:
             records = [r for part in batches.values() for r in part]
             if records:
                 polled = time.perf_counter()
-                scored, letters = await asyncio.get_running_loop().run_in_executor(
-                    self._score_thread, self._process, records
-                )
+                scored, letters = await self._in_score_thread(self._process, records)
                 await self._publish(scored, letters)
                 self.metrics.batch_duration.observe(time.perf_counter() - polled)
                 self.metrics.count_consumed(batches)
             else:
-                await reset_positions_beyond_end(self._consumer)
-            if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_SECONDS:
-                await self._commit()
+                reset = await reset_positions_beyond_end(self._consumer)
+                if reset:
+                    await self._in_score_thread(self.state.forget, reset)
+            if time.monotonic() - self._last_checkpoint >= self.settings.inference_checkpoint_interval_seconds:
+                await self.checkpoint()
 
     def _process(self, records: list) -> tuple[list[tuple[int, bytes, bytes]], list[DeadLetter]]:
         """Labels then transactions of one poll; return (partition, key, value) score records."""
         topics = self.settings.topics
         letters: list[DeadLetter] = []
+        self.state.advance(records)
         label_records = [r for r in records if r.topic == topics.labels]
         # NOTE: labels apply at once, without the updater's event-time gate. The features still
         # match the updater's for label delays up to the 7-day terminal delay, because a
@@ -188,8 +258,7 @@ class InferenceWorker:
         if label_records:
             labels = decode_labels([r.value for r in label_records])
             letters += [dead_letter_from(label_records[b.index], b.reason) for b in labels.rejected]
-            joined, _ = self._labels.add_labels(labels.transaction_id, labels.label, labels.event_time_ms)
-            self.features.observe_labels(joined.columns["event_time_ms"], joined.columns["terminal_id"], joined.label)
+            self.state.observe_labels(labels)
         tx_records = [r for r in records if r.topic == topics.transactions]
         if not tx_records:
             return [], letters
@@ -205,22 +274,9 @@ class InferenceWorker:
         served = self.served  # read once: the whole batch is scored by one snapshot
         scores = score(served, features)
         self.metrics.latency.observe((time.perf_counter() - started) / len(order))
-        self._remember_transactions(batch, order)
+        self.state.remember_transactions(batch, order)
+        self.state.scored += len(order)
         return self._encode_scores(batch, order, scores, served.version, tx_records), letters
-
-    def _remember_transactions(self, batch, order) -> None:
-        n = len(order)
-        columns = {
-            "transaction_id": batch.transaction_id[order], "event_time_ms": batch.event_time_ms[order],
-            "customer_id": batch.customer_id[order], "terminal_id": batch.terminal_id[order],
-            "live_score": np.zeros(n, np.float32), "source_score": np.zeros(n, np.float32),
-            "model_version": np.zeros(n, np.int32),
-        }
-        joined, _ = self._labels.add_transactions(columns, np.zeros((n, 0), dtype=np.float32))
-        if len(joined):
-            self.features.observe_labels(joined.columns["event_time_ms"], joined.columns["terminal_id"], joined.label)
-        watermark = int(columns["event_time_ms"][-1])
-        self._labels.expire(watermark)
 
     @staticmethod
     def _encode_scores(batch, order, scores, version, tx_records) -> list[tuple[int, bytes, bytes]]:
@@ -246,7 +302,6 @@ class InferenceWorker:
         self._inflight.extend(sends)
         if len(self._inflight) > MAX_INFLIGHT_SENDS:
             await self._await_inflight()
-        self.scored += len(scored)
         self.metrics.scored.inc(len(scored))
 
     async def _send_scores(self, scored: list[tuple[int, bytes, bytes]]) -> list[RetainedSend]:
@@ -296,13 +351,34 @@ class InferenceWorker:
                         stop_event=self._stopping)
             self._inflight.pop(0)
 
-    async def _commit(self) -> None:
-        """Commit the consumed offsets once every score and dead letter of them is acknowledged."""
-        self._last_commit = time.monotonic()
+    async def checkpoint(self) -> None:
+        """Write a checkpoint of the state if it changed, then commit the checkpoint's offsets.
+
+        Steps: 1. wait until the broker acknowledged every score and dead letter sent, because
+        a restart resumes after the checkpoint's offsets; 2. write the checkpoint in the score
+        thread, between two batches; 3. commit its offsets. The offsets of the newest checkpoint
+        are committed at every call, also when unchanged, because committing them again is
+        idempotent, and a failed commit shows a broker outage in the metrics while no record
+        comes.
+        """
+        self._last_checkpoint = time.monotonic()
         try:
             await self._await_inflight()
         except BrokerError as exc:
-            logger.warning("offsets not committed, because sends are unacknowledged at stop error=%s", exc)
+            logger.warning("no checkpoint written, because sends are unacknowledged at stop error=%s", exc)
             return
-        # A commit fails during a rebalance or an outage, and the next one covers its offsets.
-        await commit(self._consumer, metrics=self.metrics)
+        meta = {"worker_id": self.worker_id, "model_name": self.settings.model_name,
+                "served_version": self.served.version if self.served is not None else None}
+        started = time.perf_counter()
+        try:
+            written = await self._in_score_thread(self.checkpoints.save_if_changed, self.state, meta)
+        except (OSError, CheckpointError) as exc:
+            logger.error("inference checkpoint failed, so the offsets consumed since the last one stay uncommitted "
+                         "directory=%s error=%r", self.checkpoints.store.directory, exc)
+            return
+        if written:
+            self.metrics.checkpoints.inc()
+            self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+        to_commit = assigned_offsets(self.checkpoints.offsets, self._consumer.assignment())
+        if to_commit:
+            await commit(self._consumer, to_commit, metrics=self.metrics)

@@ -126,6 +126,11 @@ class InferenceMetrics(IngestMetrics):
             "streamer_update_to_serving_delay_seconds", "Time from snapshot export to serving it.",
             buckets=_DELAY_BUCKETS, registry=r,
         )
+        self.checkpoints = Counter("streamer_checkpoints_total", "Checkpoints of the feature state written.", registry=r)
+        self.checkpoint_duration = Histogram(
+            "streamer_checkpoint_duration_seconds", "Wall time of writing one checkpoint.", buckets=_EXPORT_BUCKETS,
+            registry=r,
+        )
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:

@@ -89,6 +89,10 @@ class Settings:
     # STREAMER_TRAINING_LEDGER: record the transaction id of every trained example in
     # <data_dir>/ledger/<model>.ids (8 bytes per example; see streamer.ledger).
     training_ledger: bool = False
+    # STREAMER_INFERENCE_CHECKPOINT_INTERVAL_SECONDS: wall-clock seconds between checkpoints
+    # of the inference worker's feature state. Its offsets are committed right after each,
+    # and a restart scores again the transactions consumed since the last one.
+    inference_checkpoint_interval_seconds: float = 5.0
     # STREAMER_EXPORT_EVERY_BATCHES: micro-batches between two snapshot exports.
     export_every_batches: int = 100
     # STREAMER_EXPORT_INTERVAL_SECONDS: wall-clock seconds after which a snapshot is
@@ -120,10 +124,18 @@ class Settings:
             )
         if self.l2sp_lambda < 0 or self.learning_rate <= 0:
             raise ConfigurationError("l2sp_lambda must be >= 0 and learning_rate > 0")
+        if not self.inference_checkpoint_interval_seconds >= 0:
+            raise ConfigurationError(
+                "inference_checkpoint_interval_seconds (STREAMER_INFERENCE_CHECKPOINT_INTERVAL_SECONDS) "
+                f"must be 0 or more seconds, got {self.inference_checkpoint_interval_seconds}"
+            )
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.data_dir / "checkpoints" / self.model_name
+
+    def inference_checkpoint_dir(self, worker_id: str) -> Path:
+        return self.data_dir / "inference-checkpoints" / self.model_name / worker_id
 
     @property
     def snapshot_dir(self) -> Path:
