@@ -46,6 +46,10 @@ POLL_TIMEOUT_MS = 200
 # latency of one pipeline call in the tens of milliseconds.
 MAX_RECORDS_PER_POLL = 4000
 PROBE_ROWS = 256
+# Seconds a pipeline call may run before the loop starts polling paused partitions beside it.
+# aiokafka leaves the consumer group when no getmany() call happens within
+# max_poll_interval_ms (300 s by default), so this must stay far below that.
+KEEPALIVE_POLL_SECONDS = 0.5
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -166,11 +170,11 @@ class Updater:
             records = [r for part in batches.values() for r in part]
             if records:
                 ends = {(tp.topic, tp.partition): part[-1].offset + 1 for tp, part in batches.items() if part}
-                outcome = await self._in_pipeline(self.pipeline.process, records, ends)
+                outcome = await self._in_pipeline_polling(self.pipeline.process, records, ends)
                 self.metrics.count_consumed(batches)
                 await self._after_batch(outcome)
             else:
-                outcome = await self._in_pipeline(self.pipeline.on_idle)
+                outcome = await self._in_pipeline_polling(self.pipeline.on_idle)
                 reset = await reset_positions_beyond_end(self._consumer)
                 if reset:
                     await self._in_pipeline(self._forget_offsets, reset)
@@ -179,6 +183,38 @@ class Updater:
             await self._maybe_export()
             if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_seconds:
                 await self.checkpoint()
+
+    async def _in_pipeline_polling(self, fn, *args):
+        """Run ``fn`` in the pipeline thread and keep calling getmany() while it runs.
+
+        Heartbeats flow anyway, because the event loop stays free, but aiokafka leaves the
+        group when getmany() is not called within max_poll_interval_ms. So once the call
+        takes longer than KEEPALIVE_POLL_SECONDS, every assigned partition is paused and
+        polled until the call returns, then resumed. A paused partition returns no
+        records, and its prefetched records are fetched again after the resume.
+        """
+        work = asyncio.ensure_future(self._in_pipeline(fn, *args))
+        done, _ = await asyncio.wait({work}, timeout=KEEPALIVE_POLL_SECONDS)
+        if done:
+            return work.result()
+        logger.debug("pipeline call still running after %.1f s: polling paused partitions", KEEPALIVE_POLL_SECONDS)
+        try:
+            while not work.done():
+                await self._poll_paused()
+                await asyncio.wait({work}, timeout=KEEPALIVE_POLL_SECONDS)
+        finally:
+            self._consumer.resume(*self._consumer.assignment())
+        return work.result()
+
+    async def _poll_paused(self) -> None:
+        # Paused again before each call, because a rebalance may have assigned new partitions.
+        self._consumer.pause(*self._consumer.assignment())
+        polled = await self._consumer.getmany(timeout_ms=0)
+        for tp, part in polled.items():
+            # Only a partition assigned during the call can deliver records here. Seeking
+            # back to its first record makes the loop read them again after the resume.
+            if part:
+                self._consumer.seek(tp, part[0].offset)
 
     async def _after_batch(self, outcome: BatchOutcome) -> None:
         if self.pipeline.watermark_ms:
