@@ -75,6 +75,10 @@ class Settings:
     # STREAMER_CHECKPOINT_INTERVAL_SECONDS: wall-clock seconds between checkpoints; the
     # offsets of the events a checkpoint includes are committed right after it.
     checkpoint_interval_seconds: float = 10.0
+    # STREAMER_STOP_TIMEOUT_SECONDS: wall-clock seconds the updater's stop may wait for its
+    # current micro-batch, a running export and closing its Kafka clients, in total. Past
+    # it the updater stops without a final checkpoint, and the last one stays valid.
+    stop_timeout_seconds: float = 30.0
     # STREAMER_EXPORT_EVERY_BATCHES: micro-batches between two snapshot exports.
     export_every_batches: int = 100
     # STREAMER_EXPORT_INTERVAL_SECONDS: wall-clock seconds after which a snapshot is
@@ -100,6 +104,8 @@ class Settings:
         for name in ("partitions", "microbatch_size", "export_every_batches", "snapshot_retention"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.stop_timeout_seconds <= 0:
+            raise ConfigurationError(f"stop_timeout_seconds must be > 0, got {self.stop_timeout_seconds}")
         if self.l2sp_lambda < 0 or self.learning_rate <= 0:
             raise ConfigurationError("l2sp_lambda must be >= 0 and learning_rate > 0")
 

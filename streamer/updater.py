@@ -50,6 +50,8 @@ PROBE_ROWS = 256
 # aiokafka leaves the consumer group when no getmany() call happens within
 # max_poll_interval_ms (300 s by default), so this must stay far below that.
 KEEPALIVE_POLL_SECONDS = 0.5
+# Seconds each step of stop() gets at least, also after the stop timeout has passed.
+STOP_STEP_MIN_SECONDS = 0.5
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -123,18 +125,24 @@ class Updater:
         logger.info("updater started model=%s group=%s-updater", s.model_name, s.consumer_group_prefix)
 
     async def stop(self) -> None:
-        """Stop consuming, finish the current batch, write a final checkpoint, commit, disconnect."""
+        """Stop consuming, finish the current batch, write a final checkpoint, commit, disconnect.
+
+        Waiting for the loop, a running export and the client shutdowns share one bound,
+        ``settings.stop_timeout_seconds``. A loop still inside a batch at the bound is
+        abandoned without a final checkpoint, so a restart resumes from the last one.
+        """
+        deadline = time.monotonic() + self.settings.stop_timeout_seconds
         self._stopping.set()
         loop_failed = False
         if self._task is not None:
             try:
-                await self._task
+                loop_failed = not await self._wait_bounded(self._task, "finish the current micro-batch", deadline)
             except Exception:
                 # The state may be half-way through a batch: keep the last good checkpoint.
                 loop_failed = True
                 logger.exception("updater loop had failed; stopping without a final checkpoint")
         if self._export_task is not None:
-            await self._export_task
+            await self._wait_bounded(self._export_task, "finish the running export", deadline)
         try:
             if self.started and not loop_failed:
                 await self.checkpoint()
@@ -142,11 +150,25 @@ class Updater:
         finally:
             for client in (self._consumer, self._producer):
                 if client is not None:
-                    await client.stop()
-        self._pipeline_thread.shutdown()
+                    await self._wait_bounded(client.stop(), f"close {type(client).__name__}", deadline)
+        # A batch abandoned at the bound still runs in the pipeline thread: do not wait for it here.
+        # NOTE: Python joins executor threads at interpreter exit, so a batch that never ends
+        # still delays the process exit; only the stop() coroutine itself is bounded.
+        self._pipeline_thread.shutdown(wait=not loop_failed)
         self._export_thread.shutdown()
         self._export_process.shutdown(cancel_futures=True)
         logger.info("updater stopped counters=%s", self.pipeline.counters)
+
+    async def _wait_bounded(self, awaitable, step: str, deadline: float) -> bool:
+        """Await ``awaitable`` until ``deadline`` (monotonic seconds); cancel it and return False past it."""
+        try:
+            # The floor gives each step a chance to run, also when an earlier one used up the bound.
+            await asyncio.wait_for(awaitable, max(deadline - time.monotonic(), STOP_STEP_MIN_SECONDS))
+        except asyncio.TimeoutError:
+            logger.warning("stop timed out: could not %s within stop_timeout_seconds=%.1f; continuing the stop",
+                           step, self.settings.stop_timeout_seconds)
+            return False
+        return True
 
     def _save_prequential_log(self) -> Path:
         path = self.settings.data_dir / "reports" / f"prequential-{self.settings.model_name}.npz"

@@ -12,6 +12,7 @@ counted by both runs, or by neither, fails them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import time
@@ -279,3 +280,33 @@ def test_inference_commits_before_exit(shutdown_run: ShutdownRun):
     topic = shutdown_run.settings.topics.transactions
     committed = [offset for tp, offset in shutdown_run.inference_committed.items() if tp.topic == topic]
     assert sum(offset or 0 for offset in committed) >= shutdown_run.consumed_before_inference_stop
+
+
+# -- stop bound, in-process ------------------------------------------------------------------
+
+
+class HangingClient:
+    """A Kafka client whose stop() never returns, like a client waiting for an unreachable broker."""
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+
+def test_updater_stop_bounded_when_client_hangs(source_path: Path, tmp_path: Path, caplog):
+    from prometheus_client import CollectorRegistry
+
+    from streamer.metrics import UpdaterMetrics
+    from streamer.model import load_model_checkpoint
+    from streamer.updater import Updater
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:9", data_dir=tmp_path, source_checkpoint=source_path,
+                        stop_timeout_seconds=1.0)
+    updater = Updater(settings, load_model_checkpoint(source_path), UpdaterMetrics(CollectorRegistry()))
+    updater._consumer = HangingClient()
+
+    async def stop_with_guard() -> None:
+        await asyncio.wait_for(updater.stop(), STOP_BOUND_SECONDS)
+
+    with caplog.at_level(logging.WARNING, logger="streamer.updater"):
+        asyncio.run(stop_with_guard())
+    assert "stop timed out: could not close HangingClient" in caplog.text
