@@ -76,8 +76,8 @@ class Settings:
     # offsets of the events a checkpoint includes are committed right after it.
     checkpoint_interval_seconds: float = 10.0
     # STREAMER_STOP_TIMEOUT_SECONDS: wall-clock seconds the updater's stop may wait for its
-    # current micro-batch, a running export and closing its Kafka clients, in total. Past
-    # it the updater stops without a final checkpoint, and the last one stays valid.
+    # current micro-batch, a running export and closing its Kafka clients, in total. A batch
+    # still running past it gets no final checkpoint, so a restart resumes from the last one.
     stop_timeout_seconds: float = 30.0
     # STREAMER_EXPORT_EVERY_BATCHES: micro-batches between two snapshot exports.
     export_every_batches: int = 100
