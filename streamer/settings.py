@@ -93,6 +93,10 @@ class Settings:
     # of the inference worker's feature state. Its offsets are committed right after each,
     # and a restart scores again the transactions consumed since the last one.
     inference_checkpoint_interval_seconds: float = 5.0
+    # STREAMER_STOP_TIMEOUT_SECONDS: wall-clock seconds the updater's stop may wait for its
+    # current micro-batch, a running export and closing its Kafka clients, in total. A batch
+    # still running past it gets no final checkpoint, so a restart resumes from the last one.
+    stop_timeout_seconds: float = 30.0
     # STREAMER_EXPORT_EVERY_BATCHES: micro-batches between two snapshot exports.
     export_every_batches: int = 100
     # STREAMER_EXPORT_INTERVAL_SECONDS: wall-clock seconds after which a snapshot is
@@ -122,6 +126,8 @@ class Settings:
             raise ConfigurationError(
                 f"max_event_time_skew_days must be a positive number of days, got {self.max_event_time_skew_days!r}"
             )
+        if self.stop_timeout_seconds <= 0:
+            raise ConfigurationError(f"stop_timeout_seconds must be > 0, got {self.stop_timeout_seconds}")
         if self.l2sp_lambda < 0 or self.learning_rate <= 0:
             raise ConfigurationError("l2sp_lambda must be >= 0 and learning_rate > 0")
         if not self.inference_checkpoint_interval_seconds >= 0:

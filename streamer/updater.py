@@ -47,6 +47,12 @@ POLL_TIMEOUT_MS = 200
 # latency of one pipeline call in the tens of milliseconds.
 MAX_RECORDS_PER_POLL = 4000
 PROBE_ROWS = 256
+# Seconds a pipeline call may run before the loop starts polling paused partitions beside it.
+# aiokafka leaves the consumer group when no getmany() call happens within
+# max_poll_interval_ms (300 s by default), so this must stay far below that.
+KEEPALIVE_POLL_SECONDS = 0.5
+# Seconds each step of stop() gets at least, also after the stop timeout has passed.
+STOP_STEP_MIN_SECONDS = 0.5
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -123,18 +129,24 @@ class Updater:
         logger.info("updater started model=%s group=%s-updater", s.model_name, s.consumer_group_prefix)
 
     async def stop(self) -> None:
-        """Stop consuming, finish the current batch, write a final checkpoint, commit, disconnect."""
+        """Stop consuming, finish the current batch, write a final checkpoint, commit, disconnect.
+
+        Waiting for the loop, a running export and the client shutdowns share one bound,
+        ``settings.stop_timeout_seconds``. A loop still inside a batch at the bound is
+        abandoned without a final checkpoint, so a restart resumes from the last one.
+        """
+        deadline = time.monotonic() + self.settings.stop_timeout_seconds
         self._stopping.set()
         loop_failed = False
         if self._task is not None:
             try:
-                await self._task
+                loop_failed = not await self._wait_bounded(self._task, "finish the current micro-batch", deadline)
             except Exception:
                 # The state may be half-way through a batch: keep the last good checkpoint.
                 loop_failed = True
                 logger.exception("updater loop had failed; stopping without a final checkpoint")
         if self._export_task is not None:
-            await self._export_task
+            await self._wait_bounded(self._export_task, "finish the running export", deadline)
         try:
             if self.started and not loop_failed:
                 await self.checkpoint()
@@ -142,13 +154,27 @@ class Updater:
         finally:
             for client in (self._consumer, self._producer):
                 if client is not None:
-                    await client.stop()
-        self._pipeline_thread.shutdown()
-        if self.pipeline.ledger is not None:
+                    await self._wait_bounded(client.stop(), f"close {type(client).__name__}", deadline)
+        # A batch abandoned at the bound still runs in the pipeline thread: do not wait for it here.
+        # NOTE: Python joins executor threads at interpreter exit, so a batch that never ends
+        # still delays the process exit; only the stop() coroutine itself is bounded.
+        self._pipeline_thread.shutdown(wait=not loop_failed)
+        if self.pipeline.ledger is not None and not loop_failed:
             self.pipeline.ledger.close()
         self._export_thread.shutdown()
         self._export_process.shutdown(cancel_futures=True)
         logger.info("updater stopped counters=%s", self.pipeline.counters)
+
+    async def _wait_bounded(self, awaitable, step: str, deadline: float) -> bool:
+        """Await ``awaitable`` until ``deadline`` (monotonic seconds); cancel it and return False past it."""
+        try:
+            # The floor gives each step a chance to run, also when an earlier one used up the bound.
+            await asyncio.wait_for(awaitable, max(deadline - time.monotonic(), STOP_STEP_MIN_SECONDS))
+        except asyncio.TimeoutError:
+            logger.warning("stop timed out: could not %s within stop_timeout_seconds=%.1f; continuing the stop",
+                           step, self.settings.stop_timeout_seconds)
+            return False
+        return True
 
     def _save_prequential_log(self) -> Path:
         path = self.settings.data_dir / "reports" / f"prequential-{self.settings.model_name}.npz"
@@ -172,11 +198,11 @@ class Updater:
             records = [r for part in batches.values() for r in part]
             if records:
                 ends = {(tp.topic, tp.partition): part[-1].offset + 1 for tp, part in batches.items() if part}
-                outcome = await self._in_pipeline(self.pipeline.process, records, ends)
+                outcome = await self._in_pipeline_polling(self.pipeline.process, records, ends)
                 self.metrics.count_consumed(batches)
                 await self._after_batch(outcome)
             else:
-                outcome = await self._in_pipeline(self.pipeline.on_idle)
+                outcome = await self._in_pipeline_polling(self.pipeline.on_idle)
                 reset = await reset_positions_beyond_end(self._consumer)
                 if reset:
                     await self._in_pipeline(self._forget_offsets, reset)
@@ -185,6 +211,38 @@ class Updater:
             await self._maybe_export()
             if time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_seconds:
                 await self.checkpoint()
+
+    async def _in_pipeline_polling(self, fn, *args):
+        """Run ``fn`` in the pipeline thread and keep calling getmany() while it runs.
+
+        Heartbeats flow anyway, because the event loop stays free, but aiokafka leaves the
+        group when getmany() is not called within max_poll_interval_ms. So once the call
+        takes longer than KEEPALIVE_POLL_SECONDS, every assigned partition is paused and
+        polled until the call returns, then resumed. A paused partition returns no
+        records, and its prefetched records are fetched again after the resume.
+        """
+        work = asyncio.ensure_future(self._in_pipeline(fn, *args))
+        done, _ = await asyncio.wait({work}, timeout=KEEPALIVE_POLL_SECONDS)
+        if done:
+            return work.result()
+        logger.debug("pipeline call still running after %.1f s: polling paused partitions", KEEPALIVE_POLL_SECONDS)
+        try:
+            while not work.done():
+                await self._poll_paused()
+                await asyncio.wait({work}, timeout=KEEPALIVE_POLL_SECONDS)
+        finally:
+            self._consumer.resume(*self._consumer.assignment())
+        return work.result()
+
+    async def _poll_paused(self) -> None:
+        # Paused again before each call, because a rebalance may have assigned new partitions.
+        self._consumer.pause(*self._consumer.assignment())
+        polled = await self._consumer.getmany(timeout_ms=0)
+        for tp, part in polled.items():
+            # Only a partition assigned during the call can deliver records here. Seeking
+            # back to its first record makes the loop read them again after the resume.
+            if part:
+                self._consumer.seek(tp, part[0].offset)
 
     async def _after_batch(self, outcome: BatchOutcome) -> None:
         if self.pipeline.watermark_ms:
