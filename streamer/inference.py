@@ -33,7 +33,7 @@ from .errors import BrokerError, CheckpointError, SnapshotError
 from .events import decode_labels, decode_transactions
 from .features import FeatureState
 from .inference_state import InferenceCheckpoints, InferenceState, assigned_offsets
-from .kafka import consumer_kwargs, producer_kwargs
+from .kafka import consumer_kwargs, consumer_lag, producer_kwargs
 from .labeljoin import LabelJoin
 from .metrics import InferenceMetrics
 from .retry import RetainedSend, commit, reset_positions_beyond_end, retry
@@ -232,6 +232,7 @@ class InferenceWorker:
                 logger.info("waiting for the first snapshot on topic=%s", self.settings.topics.model_snapshots)
         while not self._stopping.is_set():
             batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS_PER_POLL)
+            self.metrics.set_consumer_lag(await consumer_lag(self._consumer))
             records = [r for part in batches.values() for r in part]
             if records:
                 polled = time.perf_counter()

@@ -34,7 +34,7 @@ import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError, for_code
 
 from .errors import BrokerError, ConfigurationError
 from .settings import Settings, Topics
@@ -230,14 +230,22 @@ async def consumer_lag(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
 
     The high watermark comes from the last fetch response (``highwater()``), which is
     correct on every broker, also on the embedded one where ``end_offsets()`` is not.
-    A partition without a fetch response yet is left out. Lag is never negative.
+    A partition without a fetch response yet is left out, and so is one revoked by a
+    rebalance while this waited for a position. Lag is never negative.
     """
     lag: dict[TopicPartition, int] = {}
     for tp in consumer.assignment():
+        # position() can wait for an offset reset, and a rebalance may revoke partitions
+        # meanwhile. highwater() raises AssertionError on a partition no longer assigned.
+        if tp not in consumer.assignment():
+            continue
         highwater = consumer.highwater(tp)
         if highwater is None:
             continue
-        position = await consumer.position(tp)
+        try:
+            position = await consumer.position(tp)
+        except IllegalStateError:
+            continue
         lag[tp] = max(highwater - position, 0)
     return lag
 

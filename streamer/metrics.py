@@ -40,11 +40,31 @@ class IngestMetrics:
             "streamer_broker_up", "1 if the last Kafka produce or commit of this worker succeeded, 0 if it failed.",
             registry=registry,
         )
+        self.consumer_lag = Gauge(
+            "streamer_consumer_lag",
+            "Records behind the partition's high watermark at the last poll, by topic and partition.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self._lag_labels: set[tuple[str, str]] = set()
 
     def count_consumed(self, batches: dict) -> None:
         """Count the records of one poll, ``{TopicPartition: [records]}``, per topic."""
         for tp, part in batches.items():
             self.events_consumed.labels(tp.topic).inc(len(part))
+
+    def set_consumer_lag(self, lag: dict) -> None:
+        """Set the lag of each partition in ``lag``, ``{TopicPartition: records}``, and drop the other partitions.
+
+        A partition left out (revoked, or not fetched yet) loses its series, so that a lag
+        from before a rebalance cannot keep an alert firing.
+        """
+        current = {(tp.topic, str(tp.partition)): records for tp, records in lag.items()}
+        for labels in self._lag_labels - current.keys():
+            self.consumer_lag.remove(*labels)
+        for labels, records in current.items():
+            self.consumer_lag.labels(*labels).set(records)
+        self._lag_labels = set(current)
 
 
 class UpdaterMetrics(IngestMetrics):

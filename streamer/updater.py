@@ -33,7 +33,7 @@ from .errors import BrokerError
 from .faults import crash_point
 from .export_process import export_pool, export_serialised, serialise_model
 from .features import FEATURE_NAMES
-from .kafka import consumer_kwargs, producer_kwargs
+from .kafka import consumer_kwargs, consumer_lag, producer_kwargs
 from .metrics import UpdaterMetrics
 from .model import ModelCheckpoint
 from .pipeline import BatchOutcome, UpdaterPipeline
@@ -195,6 +195,7 @@ class Updater:
     async def _run(self) -> None:
         while not self._stopping.is_set():
             batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS_PER_POLL)
+            self.metrics.set_consumer_lag(await consumer_lag(self._consumer))
             records = [r for part in batches.values() for r in part]
             if records:
                 ends = {(tp.topic, tp.partition): part[-1].offset + 1 for tp, part in batches.items() if part}

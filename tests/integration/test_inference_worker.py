@@ -333,6 +333,14 @@ def test_consumed_metric_counts_transactions(scenario: Scenario):
     assert scenario.sample("streamer_events_consumed_total", {"topic": topic}) == expected
 
 
+
+def test_consumer_lag_set_per_partition(scenario: Scenario):
+    topic = scenario.settings.topics.transactions
+    # The registry, not sample(), which would read a missing series as 0.
+    lags = [scenario.registry.get_sample_value("streamer_consumer_lag", {"topic": topic, "partition": str(p)})
+            for p in range(PARTITIONS)]
+    assert lags == [0] * PARTITIONS
+
 # -- snapshot swaps --------------------------------------------------------------------------
 
 

@@ -8,8 +8,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from prometheus_client import CollectorRegistry
 
 from streamer.kafka import consumer_kwargs, consumer_lag, end_offsets, ensure_topics, producer_kwargs
+from streamer.metrics import IngestMetrics
 from streamer.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -127,3 +129,38 @@ def test_consumer_lag_counts_unread_records(kafka_settings):
             await consumer.stop()
 
     assert asyncio.run(scenario()) == {tp: RECORDS - 100}
+
+
+def test_consumer_lag_metric_follows_reads(kafka_settings):
+    topic = kafka_settings.topics.transactions
+    tp = TopicPartition(topic, 0)
+    registry = CollectorRegistry()
+    metrics = IngestMetrics(registry)
+    labels = {"topic": topic, "partition": "0"}
+
+    async def read_until(consumer, wanted: int, read: int) -> int:
+        while read < wanted:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=wanted - read)
+            read += sum(len(records) for records in batches.values())
+            metrics.set_consumer_lag(await consumer_lag(consumer))
+        return read
+
+    async def scenario():
+        await ensure_topics(kafka_settings.kafka_bootstrap, kafka_settings.topics, 1)
+        await produce(kafka_settings, topic, 0, RECORDS)
+        consumer = AIOKafkaConsumer(**consumer_kwargs(kafka_settings, group_id=None))
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            read = await read_until(consumer, 100, 0)
+            behind = registry.get_sample_value("streamer_consumer_lag", labels)
+            await read_until(consumer, RECORDS, read)
+            caught_up = registry.get_sample_value("streamer_consumer_lag", labels)
+            return behind, caught_up
+        finally:
+            await consumer.stop()
+
+    behind, caught_up = asyncio.run(scenario())
+    assert behind == RECORDS - 100
+    assert caught_up == 0

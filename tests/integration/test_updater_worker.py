@@ -450,6 +450,15 @@ def test_updater_watermark_gauge_is_newest_event_time(scenario: Scenario):
     assert watermark == scenario.expected.watermark_ms / 1000
 
 
+
+def test_updater_consumer_lag_set_per_partition(scenario: Scenario):
+    topics = scenario.settings.topics
+    # The registry, not sample(), which would read a missing series as 0.
+    lags = {(topic, p): scenario.second.registry.get_sample_value(
+                "streamer_consumer_lag", {"topic": topic, "partition": str(p)})
+            for topic in (topics.transactions, topics.labels) for p in range(PARTITIONS)}
+    assert lags == {key: 0 for key in lags}
+
 def test_updater_counters_match_replay(scenario: Scenario):
     counters = scenario.first.counters
     assert counters["transactions"] == FIRST_RUN_TRANSACTIONS
