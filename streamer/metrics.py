@@ -92,6 +92,10 @@ class UpdaterMetrics(IngestMetrics):
             "streamer_microbatches_total", "Micro-batches, by outcome (applied or skipped_nonfinite).", ["outcome"],
             registry=r,
         )
+        # Exported at 0 from the start: increase() in an alert misses the first count of a
+        # series that appears only when it first moves.
+        for outcome in ("applied", "skipped_nonfinite"):
+            self.microbatches.labels(outcome)
         self.microbatch_duration = Histogram(
             "streamer_microbatch_duration_seconds", "Wall time of one micro-batch update.", buckets=_TRAIN_BUCKETS,
             registry=r,
