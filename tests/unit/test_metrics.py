@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from streamer.metrics import IngestMetrics
+from streamer.metrics import IngestMetrics, UpdaterMetrics
 
 
 def lag_sample(registry: CollectorRegistry, topic: str, partition: int) -> float | None:
@@ -31,3 +32,11 @@ def test_set_consumer_lag_drops_revoked_partition():
 
     assert lag_sample(registry, "transactions", 0) is None
     assert lag_sample(registry, "transactions", 1) == 2
+
+
+@pytest.mark.parametrize("outcome", ["applied", "skipped_nonfinite"])
+def test_microbatch_outcomes_exported_at_zero(outcome):
+    registry = CollectorRegistry()
+    UpdaterMetrics(registry)
+
+    assert registry.get_sample_value("streamer_microbatches_total", {"outcome": outcome}) == 0
