@@ -87,3 +87,35 @@ async def read_topic(settings, topic: str, partitions: int, timeout_seconds: flo
     finally:
         await consumer.stop()
     return records
+
+
+# Grafana's own variables in the dashboard queries, and what a query sent straight to
+# Prometheus uses instead. A 1m range contains at least two samples at Prometheus's default 15 s
+# scrape interval, so rate() has a value.
+GRAFANA_QUERY_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m"}
+
+
+def panel_queries(dashboard: dict) -> list[str]:
+    """Return the PromQL expression of every panel target, Grafana variables replaced.
+
+    Rows with nested panels are included. The result can be sent to Prometheus's
+    /api/v1/query as is.
+    """
+    queries = []
+    for panel in _all_panels(dashboard.get("panels", [])):
+        for target in panel.get("targets", []):
+            expr = target.get("expr")
+            if not expr:
+                continue
+            for variable, value in GRAFANA_QUERY_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            queries.append(expr)
+    return queries
+
+
+def _all_panels(panels: list[dict]) -> list[dict]:
+    found = []
+    for panel in panels:
+        found.append(panel)
+        found += _all_panels(panel.get("panels", []))
+    return found
