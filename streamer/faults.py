@@ -2,7 +2,7 @@
 
 ``STREAMER_CRASH_AT=checkpoint.written:2`` sends SIGKILL to the worker's own process the
 second time it reaches the point ``checkpoint.written``. A kill from outside lands at a
-random moment; a crash point lands exactly inside the step a test wants to break, such as
+random moment. A crash point lands inside the step a test wants to break, for example
 between writing a checkpoint's files and making it visible. Points are listed in
 `CRASH_POINTS`. Unset (the default), a crash point costs one attribute lookup.
 """
