@@ -87,6 +87,13 @@ class UpdaterMetrics(IngestMetrics):
         self.pending_labels = Gauge(
             "streamer_pending_labels", "Transactions waiting for their label (not labels held by the gate).", registry=r
         )
+        self.label_delay = Gauge(
+            "streamer_label_delay_seconds",
+            "Event-time seconds from a transaction to its label, over the labels joined by the last poll, "
+            "by quantile (0.5, 0.9, 0.99).",
+            ["quantile"],
+            registry=r,
+        )
         self.examples_trained = Counter("streamer_examples_trained_total", "Examples trained on.", registry=r)
         self.microbatches = Counter(
             "streamer_microbatches_total", "Micro-batches, by outcome (applied or skipped_nonfinite).", ["outcome"],

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 # keeps the state within one day of its 37-day horizon.
 EXPIRE_EVERY_MS = 3_600_000
 PRUNE_EVERY_MS = 86_400_000
+LABEL_DELAY_QUANTILES = (0.5, 0.9, 0.99)
 
 DUPLICATE_TRANSACTION = "duplicate transaction id"
 DUPLICATE_LABEL = "duplicate label"
@@ -186,6 +187,7 @@ class UpdaterPipeline:
         for i, reason in sorted(rejected):
             outcome.dead_letters.append(self._label_dead_letter(origin_at(i), reason))
         self._count_join(counts)
+        self._observe_label_delay(joined, columns)
         self._accept_joined(joined)
 
     def _label_dead_letter(self, origin: LabelOrigin, reason: str) -> DeadLetter:
@@ -285,6 +287,22 @@ class UpdaterPipeline:
         self._buffer_y.append(joined.label)
         self._buffer_ids.append(cols["transaction_id"])
         self._buffered += len(joined)
+
+    def _observe_label_delay(self, joined: Joined, labels: dict[str, np.ndarray]) -> None:
+        """Set the label-delay quantiles: label event time minus transaction event time, per joined pair.
+
+        Only labels joined to a waiting transaction count. A label that came before its
+        transaction (held as early) is left out, because the join does not return its time.
+        """
+        if self.metrics is None or not len(joined):
+            return
+        order = np.argsort(labels["transaction_id"], kind="stable")
+        sorted_ids = labels["transaction_id"][order]
+        found = np.minimum(np.searchsorted(sorted_ids, joined.columns["transaction_id"]), len(sorted_ids) - 1)
+        label_time_ms = labels["event_time_ms"][order][found]
+        delays = np.maximum(label_time_ms - joined.columns["event_time_ms"], 0) / 1000.0
+        for quantile, value in zip(LABEL_DELAY_QUANTILES, np.quantile(delays, LABEL_DELAY_QUANTILES).tolist()):
+            self.metrics.label_delay.labels(str(quantile)).set(value)
 
     def _count_join(self, counts: JoinCounts) -> None:
         m = self.metrics

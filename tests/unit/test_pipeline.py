@@ -90,6 +90,19 @@ def test_labels_released_as_watermark_passes(tmp_path: Path):
     assert released == expected
 
 
+def test_label_delay_metric_reads_event_time_delay(tmp_path: Path):
+    from prometheus_client import CollectorRegistry
+
+    from streamer.metrics import UpdaterMetrics
+
+    registry = CollectorRegistry()
+    pipeline = UpdaterPipeline(_settings(tmp_path), _source(), UpdaterMetrics(registry))
+    pipeline.process(_stream(1100))  # every label comes 7 days after its transaction
+
+    median = registry.get_sample_value("streamer_label_delay_seconds", {"quantile": "0.5"})
+    assert median == 7 * 86_400
+
+
 def test_idle_transactions_release_every_label(tmp_path: Path):
     pipeline = UpdaterPipeline(_settings(tmp_path, label_release_idle_seconds=0.0), _source())
     pipeline.process(_stream(200))
