@@ -98,6 +98,10 @@ class UpdaterPipeline:
         self.watermark_ms = 0  # newest transaction event time of any partition
         self.partition_watermarks: dict[tuple[str, int], int] = {}  # (topic, partition) -> newest event time
         self._partition_active_at: dict[tuple[str, int], float] = {}
+        # Assigned (topic, partition) pairs with records not yet consumed, or with an unknown
+        # end, set by the updater after each poll; None without a consumer (tests, benchmarks).
+        self.partitions_behind: set[tuple[str, int]] | None = None
+        self._deadline_ms = 0  # the deadline watermark never goes backwards
         self._accepted_partitions = np.zeros(0, dtype=np.int64)  # partitions of the screened transactions
         self._last_expire_ms = 0
         self._last_prune_ms = 0
@@ -331,20 +335,33 @@ class UpdaterPipeline:
             self._partition_active_at[key] = now
 
     def deadline_watermark(self) -> int:
-        """Event time at which label deadlines are judged: the slowest partition still delivering.
+        """Event time at which label deadlines are judged: the slowest partition not yet caught up.
 
         Partitions of both topics are consumed at different paces: in a fast replay one ran 14
         event-time days ahead of another. Judged by the newest time of the whole stream, a
         deadline would expire transactions whose labels are still unread in a lagging
-        partition. A partition without records for ``label_release_idle_seconds`` stops
-        holding it back.
+        partition. So every partition with records still to read holds the deadline at its
+        newest event time, and one whose time is not known yet (nothing read from it) holds
+        it where it is. A caught-up partition does not hold it: it has nothing more to say.
         """
+        behind = self.partitions_behind
+        if behind is None:
+            deadline = self._deadline_from_activity()
+        elif any(p not in self.partition_watermarks for p in behind):
+            deadline = self._deadline_ms
+        else:
+            deadline = min((self.partition_watermarks[p] for p in behind), default=self.watermark_ms)
+        self._deadline_ms = max(self._deadline_ms, deadline)
+        return self._deadline_ms
+
+    def _deadline_from_activity(self) -> int:
+        # Without consumer positions: a partition that delivered within the last
+        # label_release_idle_seconds counts as behind.
+        # NOTE: a partition that has delivered nothing yet, or that a starved process did not
+        # fetch for that long, does not hold the deadline back here.
         now = time.monotonic()
         idle = self.settings.label_release_idle_seconds
         active = [w for p, w in self.partition_watermarks.items() if now - self._partition_active_at.get(p, 0) < idle]
-        # NOTE: a partition that has delivered nothing yet does not hold the deadline back.
-        # Right after start, a fast replay can therefore still expire a few early transactions
-        # whose labels were not yet read (862 of 593,487 in one demo run).
         return min(active) if active else self.watermark_ms
 
     def _expire(self, outcome: BatchOutcome) -> None:

@@ -195,7 +195,12 @@ class Updater:
     async def _run(self) -> None:
         while not self._stopping.is_set():
             batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS_PER_POLL)
-            self.metrics.set_consumer_lag(await consumer_lag(self._consumer))
+            lag = await consumer_lag(self._consumer)
+            self.metrics.set_consumer_lag(lag)
+            # Replaced, not changed in place, so the pipeline thread always sees a whole set.
+            self.pipeline.partitions_behind = {
+                (tp.topic, tp.partition) for tp in self._consumer.assignment() if lag.get(tp, 1) > 0
+            }
             records = [r for part in batches.values() for r in part]
             if records:
                 ends = {(tp.topic, tp.partition): part[-1].offset + 1 for tp, part in batches.items() if part}

@@ -144,3 +144,46 @@ def test_checkpoint_keeps_partial_microbatch(tmp_path: Path):
     restored = UpdaterPipeline(settings, _source())
     restored.restore(data)
     assert restored._buffered == 100
+
+
+# -- label deadlines wait for partitions that are behind ------------------------------------------
+
+
+def _transactions(partition: int, first_id: int, count: int, start_ms: int) -> list[Record]:
+    """``count`` transactions of one partition, one every hour from ``start_ms``, without labels."""
+    return [
+        Record("transactions", partition, i, str(first_id + i).encode(),
+               orjson.dumps(transaction_event(first_id + i, start_ms + i * 3_600_000, 1, 2, 10.0)))
+        for i in range(count)
+    ]
+
+
+def test_deadline_held_by_partition_not_read_yet(tmp_path: Path):
+    pipeline = UpdaterPipeline(_settings(tmp_path, label_deadline_days=1.0), _source())
+    pipeline.partitions_behind = {("transactions", 0), ("transactions", 1)}
+
+    pipeline.process(_transactions(0, 0, 96, START_MS))  # four days; partition 1 not read at all
+
+    assert pipeline.join.pending == 96
+
+
+def test_deadline_held_at_lagging_partition_time(tmp_path: Path):
+    pipeline = UpdaterPipeline(_settings(tmp_path, label_deadline_days=1.0), _source())
+    pipeline.partitions_behind = {("transactions", 0), ("transactions", 1)}
+    pipeline.process(_transactions(1, 1000, 2, START_MS))  # partition 1 stops at hour 1
+
+    pipeline.process(_transactions(0, 0, 96, START_MS))
+
+    assert pipeline.join.pending == 98
+
+
+def test_deadline_moves_once_partition_caught_up(tmp_path: Path):
+    pipeline = UpdaterPipeline(_settings(tmp_path, label_deadline_days=1.0), _source())
+    pipeline.partitions_behind = {("transactions", 0), ("transactions", 1)}
+    pipeline.process(_transactions(1, 1000, 2, START_MS))
+    pipeline.process(_transactions(0, 0, 96, START_MS))
+
+    pipeline.partitions_behind = {("transactions", 0)}  # partition 1 has nothing more to read
+    pipeline.process(_transactions(0, 96, 2, START_MS + 96 * 3_600_000)[-1:])
+
+    assert pipeline.join.pending < 98
