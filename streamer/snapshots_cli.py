@@ -170,20 +170,26 @@ def pin_version(store: SnapshotStore, settings: Settings, version: int) -> Pin:
 def unpin(store: SnapshotStore, settings: Settings) -> Pin:
     """Announce the unpin to the inference workers, then delete the store's pin record.
 
-    The announcement goes out also when the store has no pin record, because a worker may
-    still follow a pin whose record was lost. It then names the newest version.
+    The announcement goes out also when the store has no readable pin record, because a
+    worker may still follow a pin whose record was lost. It then names the newest version.
 
     Raises:
         SnapshotError: the store has neither a pin record nor a version.
         BrokerError: the announcement failed; the pin stays in force.
     """
     _require_bootstrap(settings, "unpin")
-    pin = store.pinned()
+    try:
+        pin = store.pinned()
+    except SnapshotError as exc:
+        # Unpinning is the way out of an unreadable record, so it must not fail on one.
+        logger.warning("pin record unreadable, announcing the unpin with the newest version error=%s", exc)
+        pin = None
     if pin is None:
         latest = store.latest()
         if latest is None:
             raise SnapshotError(f"no pin and no snapshots of model {store.model_name} in {store.directory}")
         logger.warning("no pin recorded in %s; announcing the unpin anyway model=%s", store.directory, store.model_name)
+        # Not a recorded pin: only its manifest is used, to name a version in the announcement.
         pin = Pin(manifest=latest, pinned_at=latest.created_at)
     path = store.model_path(pin.version).resolve()
     key, value = encode_unpin(pin.manifest, store_path=str(path))
