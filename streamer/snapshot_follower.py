@@ -109,9 +109,15 @@ class SnapshotFollower:
     def _log_ignored(self, regular: list[bytes]) -> None:
         if not regular or self._ignored_logged:
             return
+        try:
+            newest = decode_announcement(regular[-1]).manifest.version
+        except SnapshotError:
+            return  # an invalid announcement is rejected when an unpin considers it
+        if newest <= self.pinned_version:
+            return
         self._ignored_logged = True
-        logger.info("newer snapshot announcements ignored while pinned model=%s pinned_version=%d; "
-                    "run `streamer snapshots unpin` to follow them again", self.model_name, self.pinned_version)
+        logger.info("snapshot version=%d ignored while pinned model=%s pinned_version=%d; newer ones are ignored "
+                    "without a log line until `streamer snapshots unpin`", newest, self.model_name, self.pinned_version)
 
     # -- regular announcements ------------------------------------------------------------
 
