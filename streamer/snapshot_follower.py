@@ -92,6 +92,7 @@ class SnapshotFollower:
         if self.pinned_version is not None:
             logger.info("snapshot unpinned model=%s pinned_version=%d", self.model_name, self.pinned_version)
         self.pinned_version = None
+        self.metrics.pinned_version.set(0)
         self._ignored_logged = False
         return "unpinned"
 
@@ -102,6 +103,7 @@ class SnapshotFollower:
             if not await self._swap(announcement, observe_delay=False):
                 return False
         self.pinned_version = manifest.version
+        self.metrics.pinned_version.set(manifest.version)
         self._ignored_logged = False
         logger.info("snapshot pinned model=%s version=%d", self.model_name, manifest.version)
         return True

@@ -219,10 +219,11 @@ def _require_bootstrap(settings: Settings, action: str) -> None:
 def _announce(settings: Settings, key: bytes, value: bytes, *, what: str) -> None:
     try:
         asyncio.run(asyncio.wait_for(_send(settings, key, value), ANNOUNCE_TIMEOUT_SECONDS))
-    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+    except (BrokerError, KafkaError, OSError, asyncio.TimeoutError) as exc:
         raise BrokerError(
             f"announcing the {what} on topic {settings.topics.model_snapshots} via {settings.kafka_bootstrap} "
-            f"failed: {exc!r}; check that the broker is reachable and run the command again"
+            f"failed, so the inference workers were not told: {exc}; check that the broker is reachable and run "
+            "the command again"
         ) from exc
     logger.info("snapshot control announced %s topic=%s", what, settings.topics.model_snapshots)
 

@@ -103,6 +103,16 @@ def test_follower_pin_swaps_to_lower_version(follower, store):
     assert follower.pinned_version == 2
 
 
+def test_follower_pin_sets_gauge(follower, store, registry):
+    follow(follower, [regular(store, 3)], [pin(store, 2)])
+    assert sample(registry, "streamer_inference_pinned_version") == 2
+
+
+def test_follower_unpin_clears_gauge(follower, store, registry):
+    follow(follower, [regular(store, 3)], [pin(store, 2)], [unpin(store, 2)])
+    assert sample(registry, "streamer_inference_pinned_version") == 0
+
+
 def test_follower_pinned_ignores_newer(follower, store):
     follow(follower, [regular(store, 2)], [pin(store, 2)], [regular(store, 4)])
     assert follower.served.version == 2
