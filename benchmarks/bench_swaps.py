@@ -8,7 +8,7 @@ waited for until the worker serves it. The delays are the values of
 publish) to the swap. The resident set size (RSS) is read before the first swap and after
 the last, and weak references to every replaced onnxruntime session show whether the
 sessions were released. A control phase of the same load without swaps comes first, so
-that RSS growth from the load itself (feature state, buffers) can be told apart, and RSS
+that RSS growth from the load itself (feature state, buffers) can be distinguished, and RSS
 is read again after ``malloc_trim``, which returns the C allocator's free memory to the
 operating system.
 
@@ -74,10 +74,16 @@ def rss_mib() -> float:
     raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
-def trimmed_rss_mib() -> float:
-    """RSS after glibc's malloc_trim(0) hands free heap memory back to the operating system."""
+def measure_rss() -> tuple[float, float]:
+    """Return RSS in MiB after a garbage collection, and again after glibc's malloc_trim(0).
+
+    malloc_trim hands free heap memory back to the operating system, so the second
+    figure leaves out memory that was freed but kept by the allocator.
+    """
+    gc.collect()
+    untrimmed = rss_mib()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return rss_mib()
+    return untrimmed, rss_mib()
 
 
 def exports(count: int):
@@ -123,6 +129,7 @@ async def announce(producer: AIOKafkaProducer, store: SnapshotStore, settings: S
 async def bench(settings: Settings, swaps: int, interval: float, speedup: float, control_seconds: float) -> None:
     await ensure_topics(settings.kafka_bootstrap, settings.topics, settings.partitions)
     models = exports(swaps + 1)
+
     store = SnapshotStore(settings.snapshot_dir, settings.model_name, retention=5)
     producer = AIOKafkaProducer(**producer_kwargs(settings))
     await producer.start()
@@ -136,13 +143,15 @@ async def bench(settings: Settings, swaps: int, interval: float, speedup: float,
         await wait_until(lambda: worker.served is not None, "first snapshot served")
         replay = start_replay(settings, speedup)
         await wait_until(lambda: worker.scored >= WARM_UP_TRANSACTIONS, "warm-up transactions scored")
-        gc.collect()
-        rss_control = rss_mib()
+
+        # Control phase: the same load without swaps.
+        rss_control = measure_rss()
         scored_control = worker.scored
         await asyncio.sleep(control_seconds)
-        gc.collect()
-        rss_before = rss_mib()
+        rss_before = measure_rss()
         scored_control = worker.scored - scored_control
+
+        # Swaps, each one waited for until the worker serves it.
         replaced: list[weakref.ref] = []
         scored_before, started = worker.scored, time.perf_counter()
         for result in models[1:]:
@@ -153,25 +162,25 @@ async def bench(settings: Settings, swaps: int, interval: float, speedup: float,
         elapsed = time.perf_counter() - started
         scored_during = worker.scored - scored_before
         replay_running = replay.poll() is None
+        # Measured while the worker runs, so its current session is alive and every replaced one may be freed.
+        rss_after = measure_rss()
+        alive = sum(ref() is not None for ref in replaced)
     finally:
         if replay is not None and replay.poll() is None:
             replay.terminate()
             replay.wait()
         await worker.stop()
         await producer.stop()
-    gc.collect()
-    rss_after = rss_mib()
-    rss_trimmed = trimmed_rss_mib()
-    alive = sum(ref() is not None for ref in replaced)
+
     values = np.array(delays.values[1:])  # the first is v1, served before the load started
     print(f"swaps: {len(values)} under load, {scored_during:,} transactions scored during them "
           f"({scored_during / elapsed:,.0f}/s over {elapsed:.1f} s); replay still running at the end: {replay_running}")
     print(f"update-to-serving delay: p50 {np.percentile(values, 50) * 1000:.1f} ms, "
           f"p99 {np.percentile(values, 99) * 1000:.1f} ms, max {values.max() * 1000:.1f} ms")
-    print(f"RSS, control phase without swaps: {rss_control:.1f} MiB to {rss_before:.1f} MiB "
-          f"({rss_before - rss_control:+.1f} MiB) in {control_seconds:.0f} s, {scored_control:,} transactions scored")
-    print(f"RSS, swaps: {rss_before:.1f} MiB before, {rss_after:.1f} MiB after ({rss_after - rss_before:+.1f} MiB), "
-          f"{rss_trimmed:.1f} MiB after malloc_trim ({rss_trimmed - rss_before:+.1f} MiB)")
+    print(f"control phase without swaps: {control_seconds:.0f} s, {scored_control:,} transactions scored")
+    for label, (start, end) in (("control phase", (rss_control, rss_before)), ("swaps", (rss_before, rss_after))):
+        print(f"RSS over the {label}: {start[0]:.1f} to {end[0]:.1f} MiB ({end[0] - start[0]:+.1f} MiB); "
+              f"after malloc_trim {start[1]:.1f} to {end[1]:.1f} MiB ({end[1] - start[1]:+.1f} MiB)")
     print(f"replaced onnxruntime sessions still alive after gc: {alive} of {len(replaced)}")
 
 

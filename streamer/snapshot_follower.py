@@ -4,7 +4,7 @@ The worker reads ``model-snapshots`` from the beginning and hands each poll's re
 `SnapshotFollower.follow`. Two kinds of record count for this worker's model:
 
 - Regular announcements (key: the model name). Unpinned, the newest valid one of a poll
-  is swapped in if its version is above the one served; after an invalid one, the one
+  is swapped in if its version is above the one served. After an invalid one, the one
   before it is tried. Pinned, they are remembered but not loaded.
 - Control announcements (key: ``exporters.control_key``), written by
   ``streamer snapshots pin|unpin|rollback``. A pin swaps in its version even if it is
@@ -34,13 +34,15 @@ from .scoring import ServedModel, build_served_model
 logger = logging.getLogger(__name__)
 
 # Regular announcements kept for an unpin to choose from. Compaction leaves one per model
-# on the topic, so a few cover the versions announced while a pin was in force; an unpin
+# on the topic, so a few cover the versions announced while a pin was in force. An unpin
 # falls back to older ones only when the newer ones are invalid.
 REMEMBERED_ANNOUNCEMENTS = 8
 
 
 class SnapshotFollower:
-    """Decides which snapshot to serve from the records of ``model-snapshots``; owns ``served``.
+    """The snapshot choice of one inference worker, made from the records of ``model-snapshots``.
+
+    It owns ``served``, the snapshot that the worker scores with.
 
     Call `follow` from one task only. ``served`` is replaced as a whole, so the score
     thread reads either the old snapshot or the new one.

@@ -85,8 +85,8 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
 def list_snapshots(store: SnapshotStore, out: TextIO) -> None:
     """Write one line per version: created time, SHA-256 prefix, live AUC and AP, pinned and serving marks.
 
-    "serving" marks the version that the workers are told to serve: the pinned one, else
-    the newest. A worker that has not loaded it yet, or rejected it, serves another one.
+    "serving" marks the version that the announcements select: the pinned one, else the
+    newest. A worker that has not loaded it yet, or rejected it, serves another one.
     """
     manifests = store.manifests()
     pin = store.pinned()
@@ -160,7 +160,7 @@ def pin_version(store: SnapshotStore, settings: Settings, version: int) -> Pin:
     path = store.model_path(version).resolve()
     key, value = encode_announcement(pin.manifest, data, store_path=str(path), control=CONTROL_PIN)
     try:
-        _announce(settings, key, value, what=f"pin of v{version}")
+        _announce(settings, key, value, description=f"pin of v{version}")
     except BrokerError:
         _restore_pin(store, previous)
         raise
@@ -193,7 +193,7 @@ def unpin(store: SnapshotStore, settings: Settings) -> Pin:
         pin = Pin(manifest=latest, pinned_at=latest.created_at)
     path = store.model_path(pin.version).resolve()
     key, value = encode_unpin(pin.manifest, store_path=str(path))
-    _announce(settings, key, value, what="unpin")
+    _announce(settings, key, value, description="unpin")
     store.unpin()
     return pin
 
@@ -216,16 +216,16 @@ def _require_bootstrap(settings: Settings, action: str) -> None:
         )
 
 
-def _announce(settings: Settings, key: bytes, value: bytes, *, what: str) -> None:
+def _announce(settings: Settings, key: bytes, value: bytes, *, description: str) -> None:
     try:
         asyncio.run(asyncio.wait_for(_send(settings, key, value), ANNOUNCE_TIMEOUT_SECONDS))
     except (BrokerError, KafkaError, OSError, asyncio.TimeoutError) as exc:
         raise BrokerError(
-            f"announcing the {what} on topic {settings.topics.model_snapshots} via {settings.kafka_bootstrap} "
-            f"failed, so the inference workers were not told: {exc}; check that the broker is reachable and run "
+            f"announcing the {description} on topic {settings.topics.model_snapshots} via {settings.kafka_bootstrap} "
+            f"failed, so no inference worker received it: {exc}; check that the broker is reachable and run "
             "the command again"
         ) from exc
-    logger.info("snapshot control announced %s topic=%s", what, settings.topics.model_snapshots)
+    logger.info("snapshot control announced %s topic=%s", description, settings.topics.model_snapshots)
 
 
 async def _send(settings: Settings, key: bytes, value: bytes) -> None:

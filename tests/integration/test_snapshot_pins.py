@@ -5,7 +5,7 @@ One module-scoped scenario, with real July transactions in five chunks on five d
 0. v1, v2, v3 are announced; worker A serves v3 and scores chunk 0.
 1. `streamer snapshots rollback` pins v2; A swaps to v2 and scores chunk 1.
 2. The updater's way announces v4; A ignores it while pinned and scores chunk 2 with v2.
-3. A stops and worker B starts from the same checkpoint folder; it reads the topic from the
+3. A stops and worker B starts from the same checkpoint folder. B reads the topic from the
    beginning, honours the pin and scores chunk 3 with v2.
 4. `streamer snapshots unpin`; B swaps to v4 and scores chunk 4.
 """

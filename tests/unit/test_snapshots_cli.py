@@ -53,7 +53,7 @@ def store(settings: Settings, exports: list[ExportResult]) -> SnapshotStore:
 def announced(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bytes]]:
     """The (key, value) records that the CLI would send to model-snapshots."""
     records: list[tuple[bytes, bytes]] = []
-    monkeypatch.setattr(snapshots_cli, "_announce", lambda settings, key, value, what: records.append((key, value)))
+    monkeypatch.setattr(snapshots_cli, "_announce", lambda settings, key, value, description: records.append((key, value)))
     return records
 
 
@@ -182,7 +182,7 @@ def test_pin_failed_announcement_restores_previous(settings: Settings, store: Sn
                                                   monkeypatch: pytest.MonkeyPatch, announced):
     run(settings, "pin", "1")
 
-    def fail(settings, key, value, what):
+    def fail(settings, key, value, description):
         raise BrokerError("broker unreachable (simulated)")
 
     monkeypatch.setattr(snapshots_cli, "_announce", fail)
@@ -193,7 +193,7 @@ def test_pin_failed_announcement_restores_previous(settings: Settings, store: Sn
 
 def test_pin_failed_announcement_leaves_unpinned(settings: Settings, store: SnapshotStore,
                                                 monkeypatch: pytest.MonkeyPatch):
-    def fail(settings, key, value, what):
+    def fail(settings, key, value, description):
         raise BrokerError("broker unreachable (simulated)")
 
     monkeypatch.setattr(snapshots_cli, "_announce", fail)
@@ -244,7 +244,7 @@ def test_unpin_failed_announcement_keeps_pin(settings: Settings, store: Snapshot
                                             monkeypatch: pytest.MonkeyPatch, announced):
     run(settings, "pin", "2")
 
-    def fail(settings, key, value, what):
+    def fail(settings, key, value, description):
         raise BrokerError("broker unreachable (simulated)")
 
     monkeypatch.setattr(snapshots_cli, "_announce", fail)
