@@ -78,7 +78,7 @@ class InferenceWorker:
         self.checkpoints = InferenceCheckpoints(settings.inference_checkpoint_dir(worker_id))
         self._score_thread = ThreadPoolExecutor(1, thread_name_prefix="score")
         self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="snapshot-load")
-        self.snapshots = SnapshotFollower(settings.model_name, metrics, self._load_thread)
+        self.snapshot_follower = SnapshotFollower(settings.model_name, metrics, self._load_thread)
         self._consumer: AIOKafkaConsumer | None = None
         self._snapshots: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -92,11 +92,11 @@ class InferenceWorker:
     @property
     def served(self) -> ServedModel | None:
         """The snapshot being served, None before the first one is loaded."""
-        return self.snapshots.served
+        return self.snapshot_follower.served
 
     @served.setter
     def served(self, served: ServedModel | None) -> None:
-        self.snapshots.served = served
+        self.snapshot_follower.served = served
 
     @property
     def features(self) -> FeatureState:
@@ -175,7 +175,7 @@ class InferenceWorker:
     async def _follow_snapshots(self) -> None:
         while not self._stopping.is_set():
             batches = await self._snapshots.getmany(timeout_ms=POLL_TIMEOUT_MS)
-            await self.snapshots.follow([r for part in batches.values() for r in part])
+            await self.snapshot_follower.follow([r for part in batches.values() for r in part])
             if not batches:
                 await reset_positions_beyond_end(self._snapshots)
             if self.served is not None and not self._model_ready.is_set() and await self._read_to_end():

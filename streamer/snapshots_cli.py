@@ -157,6 +157,10 @@ def pin_version(store: SnapshotStore, settings: Settings, version: int) -> Pin:
     previous = store.pinned()
     pin, data = store.pin(version)
     # Step 3.
+    # NOTE: the publish lock covers the record only. Two pins run at once may announce in
+    # the other order than they recorded, and an announcement that timed out may still
+    # have reached the topic after the record was restored. `list` then disagrees with the
+    # workers until the next pin or unpin.
     path = store.model_path(version).resolve()
     key, value = encode_announcement(pin.manifest, data, store_path=str(path), control=CONTROL_PIN)
     try:

@@ -106,13 +106,13 @@ async def run_pins(settings: Settings, july: Path, handler: InfoLines) -> PinRun
 
         await run_cli(settings, "rollback")
         await wait_until(lambda: worker.served.version == 2, "A serves v2 after rollback")
-        served["rollback"] = (worker.served.version, worker.snapshots.pinned_version)
+        served["rollback"] = (worker.served.version, worker.snapshot_follower.pinned_version)
         await score_chunk(settings, july, worker, 1)
 
         v4 = publish_snapshot(store, build_model(4, probe), probe)
         await produce(settings, [(topics.model_snapshots, v4.key, v4.value)])
         await wait_until(lambda: any("ignored while pinned" in line for line in handler.lines), "A ignores v4")
-        served["v4 announced"] = (worker.served.version, worker.snapshots.pinned_version)
+        served["v4 announced"] = (worker.served.version, worker.snapshot_follower.pinned_version)
         await score_chunk(settings, july, worker, 2)
     finally:
         await worker.stop()
@@ -122,13 +122,13 @@ async def run_pins(settings: Settings, july: Path, handler: InfoLines) -> PinRun
     restarted = InferenceWorker(settings, InferenceMetrics(CollectorRegistry()))
     await restarted.start()
     try:
-        await wait_until(lambda: restarted.snapshots.pinned_version == 2, "B follows the pin")
-        served["restart"] = (restarted.served.version, restarted.snapshots.pinned_version)
+        await wait_until(lambda: restarted.snapshot_follower.pinned_version == 2, "B follows the pin")
+        served["restart"] = (restarted.served.version, restarted.snapshot_follower.pinned_version)
         await score_chunk(settings, july, restarted, 3)
 
         await run_cli(settings, "unpin")
         await wait_until(lambda: restarted.served.version == 4, "B serves v4 after unpin")
-        served["unpin"] = (restarted.served.version, restarted.snapshots.pinned_version)
+        served["unpin"] = (restarted.served.version, restarted.snapshot_follower.pinned_version)
         await score_chunk(settings, july, restarted, 4)
     finally:
         await restarted.stop()
