@@ -8,8 +8,8 @@ waited for until the worker serves it. The delays are the values of
 publish) to the swap. The resident set size (RSS) is read before the first swap and after
 the last, and weak references to every replaced onnxruntime session show whether the
 sessions were released. A control phase of the same load without swaps comes first, so
-that RSS growth from the load itself (feature state, buffers) can be distinguished, and RSS
-is read again after ``malloc_trim``, which returns the C allocator's free memory to the
+that RSS growth from the load itself (feature state, buffers) can be distinguished. RSS
+is also read after ``malloc_trim``, which returns the C allocator's free memory to the
 operating system.
 
 Usage: python benchmarks/bench_swaps.py [--swaps N] [--interval SECONDS] [--speedup X] [--control-seconds S]
@@ -106,11 +106,11 @@ def start_replay(settings: Settings, speedup: float) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def wait_until(condition, what: str) -> None:
+async def wait_until(condition, description: str) -> None:
     deadline = time.monotonic() + WAIT_TIMEOUT_SECONDS
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not reached within {WAIT_TIMEOUT_SECONDS:.0f} s")
+            raise TimeoutError(f"{description}: not reached within {WAIT_TIMEOUT_SECONDS:.0f} s")
         await asyncio.sleep(0.002)
 
 

@@ -8,7 +8,7 @@ The worker reads ``model-snapshots`` from the beginning and hands each poll's re
   before it is tried. Pinned, they are remembered but not loaded.
 - Control announcements (key: ``exporters.control_key``), written by
   ``streamer snapshots pin|unpin|rollback``. A pin swaps in its version even if it is
-  lower than the one served, after the same verification as any snapshot; a rejected pin
+  lower than the one served, after the same verification as any snapshot. A rejected pin
   leaves the worker as it was. An unpin swaps in the newest valid remembered announcement.
 
 Within one poll the last valid control record decides whether the worker is pinned, which

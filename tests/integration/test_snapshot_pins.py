@@ -163,11 +163,11 @@ async def score_chunk(settings: Settings, july: Path, worker: InferenceWorker, c
     await wait_until(lambda: worker.scored >= target, f"chunk {chunk} scored")
 
 
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
+async def wait_until(condition: Callable[[], bool], description: str) -> None:
     deadline = time.monotonic() + WAIT_TIMEOUT_SECONDS
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not reached within {WAIT_TIMEOUT_SECONDS:.0f} s")
+            raise TimeoutError(f"{description}: not reached within {WAIT_TIMEOUT_SECONDS:.0f} s")
         await asyncio.sleep(POLL_SECONDS)
 
 
