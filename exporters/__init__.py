@@ -17,27 +17,36 @@ first use, so that a process which only reads snapshots does not import torch.
 from typing import Any
 
 from .announcement import (
+    CONTROL_PIN,
+    CONTROL_UNPIN,
     INLINE_LIMIT_BYTES,
     Announcement,
+    control_key,
     decode_announcement,
     encode_announcement,
+    encode_unpin,
     resolve_snapshot_bytes,
 )
 from .manifest import Manifest, verify_snapshot_bytes
-from .store import SnapshotStore
+from .store import Pin, SnapshotStore
 
 _EXPORT_NAMES = frozenset({"PARITY_ATOL", "PARITY_RTOL", "ExportResult", "export_onnx"})
 
 __all__ = [
+    "CONTROL_PIN",
+    "CONTROL_UNPIN",
     "INLINE_LIMIT_BYTES",
     "PARITY_ATOL",
     "PARITY_RTOL",
     "Announcement",
     "ExportResult",
     "Manifest",
+    "Pin",
     "SnapshotStore",
+    "control_key",
     "decode_announcement",
     "encode_announcement",
+    "encode_unpin",
     "export_onnx",
     "resolve_snapshot_bytes",
     "verify_snapshot_bytes",

@@ -8,6 +8,15 @@ The value is UTF-8 JSON::
 A model file up to ``INLINE_LIMIT_BYTES`` travels inline in base64. A larger one is
 announced by reference only, and the reader must see the snapshot store at ``store_path``.
 This module only encodes and decodes: the workers produce and consume the records.
+
+Control announcements (``streamer snapshots pin|unpin|rollback``) add ``"control": "pin"``
+or ``"control": "unpin"`` to the same value. A pin carries the pinned version's manifest
+and model like a regular announcement. An unpin carries the manifest of the version that
+was pinned, without the model. Their record key is ``control_key(model_name)``, not the
+model name, because compaction keeps only the newest record per key: under the model
+name, the next regular announcement would erase the pin for every worker that starts
+later. A reader that predates the field ignores control records, because their key is
+not its model name.
 """
 
 from __future__ import annotations
@@ -31,14 +40,30 @@ logger = logging.getLogger(__name__)
 # producer max.request.size 1048576).
 INLINE_LIMIT_BYTES = 512 * 1024
 
+CONTROL_PIN = "pin"
+CONTROL_UNPIN = "unpin"
+CONTROLS = (CONTROL_PIN, CONTROL_UNPIN)
+# Model names are plain file names, which never contain "/", so no model's key equals this suffix form.
+_CONTROL_KEY_SUFFIX = "/control"
+
 
 @dataclass(frozen=True)
 class Announcement:
-    """A decoded announcement; ``onnx_bytes`` is None when the model file was sent by reference."""
+    """A decoded announcement; ``onnx_bytes`` is None when the model file was sent by reference.
+
+    ``control`` is None for a regular announcement of a new version, else ``CONTROL_PIN``
+    or ``CONTROL_UNPIN``.
+    """
 
     manifest: Manifest
     onnx_bytes: bytes | None = field(repr=False)
     store_path: str
+    control: str | None = None
+
+
+def control_key(model_name: str) -> bytes:
+    """Return the record key of the pin and unpin announcements of ``model_name``."""
+    return (model_name + _CONTROL_KEY_SUFFIX).encode("utf-8")
 
 
 def encode_announcement(
@@ -47,18 +72,18 @@ def encode_announcement(
     *,
     store_path: str,
     inline_limit_bytes: int = INLINE_LIMIT_BYTES,
+    control: str | None = None,
 ) -> tuple[bytes, bytes]:
     """Return the (key, value) record that announces ``manifest``.
 
     ``store_path`` is the path of the model file in the snapshot store. The file is
-    embedded when it has at most ``inline_limit_bytes`` bytes. Raises SnapshotError if
-    ``onnx_bytes`` does not match the manifest's size and SHA-256.
+    embedded when it has at most ``inline_limit_bytes`` bytes. ``control`` makes it a pin
+    (``CONTROL_PIN``) under ``control_key``; use `encode_unpin` for an unpin. Raises
+    SnapshotError if ``onnx_bytes`` does not match the manifest's size and SHA-256.
     """
-    if not isinstance(store_path, str) or not store_path:
-        raise SnapshotError(
-            f"invalid store_path {store_path!r}: "
-            "expected the path of the model file in the snapshot store"
-        )
+    _check_store_path(store_path)
+    if control not in (None, CONTROL_PIN):
+        raise SnapshotError(f"invalid control {control!r} for encode_announcement: expected None or {CONTROL_PIN!r}")
     verify_snapshot_bytes(manifest, onnx_bytes, source="the bytes given to encode_announcement")
     inline = len(onnx_bytes) <= inline_limit_bytes
     value = {
@@ -67,21 +92,39 @@ def encode_announcement(
         "onnx_base64": base64.b64encode(onnx_bytes).decode("ascii") if inline else None,
     }
     logger.debug(
-        "snapshot announcement encoded model=%s version=%d inline=%s size_bytes=%d",
+        "snapshot announcement encoded model=%s version=%d inline=%s size_bytes=%d control=%s",
         manifest.model_name,
         manifest.version,
         inline,
         manifest.size_bytes,
+        control,
     )
-    key = manifest.model_name.encode("utf-8")
+    if control is None:
+        key = manifest.model_name.encode("utf-8")
+    else:
+        value["control"] = control
+        key = control_key(manifest.model_name)
     return key, json.dumps(value, sort_keys=True, allow_nan=False).encode("utf-8")
+
+
+def encode_unpin(manifest: Manifest, *, store_path: str) -> tuple[bytes, bytes]:
+    """Return the (key, value) record that lifts the pin of ``manifest``'s version.
+
+    The model itself is not sent: an unpinned worker goes back to the newest version it
+    has seen announced.
+    """
+    _check_store_path(store_path)
+    value = {"manifest": manifest.to_dict(), "store_path": store_path, "onnx_base64": None,
+             "control": CONTROL_UNPIN}
+    return control_key(manifest.model_name), json.dumps(value, sort_keys=True, allow_nan=False).encode("utf-8")
 
 
 def decode_announcement(value: bytes | None, *, key: bytes | None = None) -> Announcement:
     """Decode and validate an announcement value.
 
-    When ``key`` is given it must equal the manifest's model name. Raises SnapshotError on
-    an empty value (a tombstone), invalid JSON, a missing or mistyped field, or invalid base64.
+    When ``key`` is given it must equal the manifest's model name, or ``control_key`` of it
+    for a control announcement. Raises SnapshotError on an empty value (a tombstone),
+    invalid JSON, a missing or mistyped field, an unknown ``control``, or invalid base64.
     The inline bytes are not checked against the manifest here: ``resolve_snapshot_bytes`` does that.
     """
     if not value:
@@ -98,13 +141,18 @@ def decode_announcement(value: bytes | None, *, key: bytes | None = None) -> Ann
     if not isinstance(store_path, str) or not store_path:
         raise SnapshotError(f"invalid snapshot announcement: store_path {store_path!r} is not a non-empty string")
     onnx_bytes = _decode_inline_bytes(_require_field(data, "onnx_base64"))
+    control = data.get("control")
+    if control is not None and control not in CONTROLS:
+        raise SnapshotError(f"invalid snapshot announcement: control {control!r} is not one of {list(CONTROLS)}")
 
-    if key is not None and key != manifest.model_name.encode("utf-8"):
+    expected_key = manifest.model_name.encode("utf-8") if control is None else control_key(manifest.model_name)
+    if key is not None and key != expected_key:
         raise SnapshotError(
             "invalid snapshot announcement: "
-            f"record key {key!r} differs from manifest model name {manifest.model_name!r}"
+            f"record key {key!r} differs from {expected_key!r}, expected for model {manifest.model_name!r} "
+            f"and control {control!r}"
         )
-    return Announcement(manifest=manifest, onnx_bytes=onnx_bytes, store_path=store_path)
+    return Announcement(manifest=manifest, onnx_bytes=onnx_bytes, store_path=store_path, control=control)
 
 
 def resolve_snapshot_bytes(announcement: Announcement) -> bytes:
@@ -128,6 +176,14 @@ def resolve_snapshot_bytes(announcement: Announcement) -> bytes:
         ) from exc
     verify_snapshot_bytes(manifest, data, source=str(path))
     return data
+
+
+def _check_store_path(store_path: Any) -> None:
+    if not isinstance(store_path, str) or not store_path:
+        raise SnapshotError(
+            f"invalid store_path {store_path!r}: "
+            "expected the path of the model file in the snapshot store"
+        )
 
 
 def _require_field(data: dict[str, Any], name: str) -> Any:

@@ -5,6 +5,7 @@ Layout, for model ``fraud`` under ``root``::
     root/fraud/v000012.onnx         the model file
     root/fraud/v000012.json         its manifest, the commit record of version 12
     root/fraud/high-water-mark.json the highest version ever allocated
+    root/fraud/pin.json             the pinned version, while there is one (``exporters.pin``)
     root/fraud/.publish.lock        serialises publishers (POSIX advisory lock)
     root/fraud/.tmp-*               files being written, or left by a crashed publisher
 
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from streamer.errors import ConfigurationError, SnapshotError
 
 from .manifest import Manifest, is_plain_file_name, verify_snapshot_bytes
+from .pin import PIN_FILE, Pin, read_pin
 
 if TYPE_CHECKING:
     # Only for annotations: the store is used by inference workers that need not import torch.
@@ -48,7 +50,7 @@ _LOCK_FILE = ".publish.lock"
 # Snapshot files are read by inference workers that may run as another user.
 _FILE_MODE = 0o644
 
-__all__ = ["Manifest", "SnapshotStore"]
+__all__ = ["Manifest", "Pin", "SnapshotStore"]
 
 
 class SnapshotStore:
@@ -63,7 +65,8 @@ class SnapshotStore:
     Arguments:
         root: folder that holds one subfolder per model (created on first publish).
         model_name: plain name (letters, digits, ``.``, ``_``, ``-``), also the subfolder.
-        retention: number of newest versions kept after each publish (>= 1).
+        retention: number of newest versions kept after each publish (>= 1). A pinned
+            version is kept in addition.
     """
 
     def __init__(self, root: Path, model_name: str, retention: int) -> None:
@@ -177,6 +180,52 @@ class SnapshotStore:
                 return manifest
         return None
 
+    def pinned(self) -> Pin | None:
+        """Return the pin record, or None if no version is pinned.
+
+        Raises SnapshotError if the pin record cannot be read or is invalid.
+        """
+        return read_pin(self.directory)
+
+    def pin(self, version: int) -> tuple[Pin, bytes]:
+        """Record ``version`` as pinned and return the pin with the verified model bytes.
+
+        Under the publish lock, so that no concurrent publish prunes the version between
+        the check and the record. Raises SnapshotError if the version is not in the store,
+        its file is missing, truncated or corrupt, or the record cannot be written.
+        """
+        if not self.directory.is_dir():
+            raise SnapshotError(f"snapshot {self.model_name} v{version} not found: {self.directory} does not exist")
+        with self._publish_lock():
+            manifest, data = self.load(version)
+            pin = Pin(manifest=manifest, pinned_at=time.time())
+            try:
+                _write_atomically(self.directory, PIN_FILE, pin.to_json())
+            except OSError as exc:
+                raise SnapshotError(f"pin record in {self.directory} could not be written: {exc}") from exc
+        logger.info("snapshot pinned model=%s version=%d sha256=%s", self.model_name, version, manifest.sha256[:12])
+        return pin, data
+
+    def unpin(self) -> Pin | None:
+        """Delete the pin record; return the pin it contained, or None if no version was pinned."""
+        if not self.directory.is_dir():
+            return None
+        with self._publish_lock():
+            try:
+                pin = self.pinned()
+            except SnapshotError as exc:
+                # An unreadable record is deleted all the same: unpinning is how to recover from it.
+                logger.warning("pin record unreadable, deleting it model=%s error=%s", self.model_name, exc)
+                pin = None
+            try:
+                (self.directory / PIN_FILE).unlink(missing_ok=True)
+                _fsync_directory(self.directory)
+            except OSError as exc:
+                raise SnapshotError(f"pin record in {self.directory} could not be deleted: {exc}") from exc
+        if pin is not None:
+            logger.info("snapshot unpinned model=%s version=%d", self.model_name, pin.version)
+        return pin
+
     def manifest(self, version: int) -> Manifest:
         """Return the manifest of ``version``; raise SnapshotError if it is not committed or invalid."""
         manifest = self._read_manifest(version)
@@ -260,9 +309,14 @@ class SnapshotStore:
         _write_atomically(self.directory, _HIGH_WATER_FILE, data)
 
     def _prune(self) -> None:
-        """Delete versions beyond retention (manifest first), then model files without a manifest."""
+        """Delete versions beyond retention (manifest first), then model files without a manifest.
+
+        The pinned version is kept, because a worker that starts later may need its file.
+        """
         committed = self.versions()
         expired = committed[: -self.retention]
+        pinned = self._pinned_version_for_prune()
+        expired = [version for version in expired if version != pinned]
         for version in expired:
             sha_prefix = self._sha_prefix_for_log(version)
             (self.directory / _manifest_file_name(version)).unlink(missing_ok=True)
@@ -275,6 +329,16 @@ class SnapshotStore:
             self.model_path(version).unlink(missing_ok=True)
             logger.warning("uncommitted snapshot file removed model=%s version=%d", self.model_name, version)
         _fsync_directory(self.directory)
+
+    def _pinned_version_for_prune(self) -> int | None:
+        try:
+            pin = self.pinned()
+        except SnapshotError as exc:
+            # Keep publishing: an unreadable pin record must not stop the updater's exports.
+            logger.warning("pin record unreadable, pruning as if no version were pinned model=%s error=%s",
+                           self.model_name, exc)
+            return None
+        return pin.version if pin is not None else None
 
     def _sha_prefix_for_log(self, version: int) -> str:
         try:

@@ -1,4 +1,4 @@
-"""The `streamer` command line: demo, broker, replay, pretrain, update, serve."""
+"""The `streamer` command line: demo, broker, replay, pretrain, update, serve, snapshots."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import replay
+    from . import replay, snapshots_cli
 
     parser = argparse.ArgumentParser(prog="streamer", description=__doc__)
     parser.add_argument("--version", action="version", version=f"streamer {__version__}")
@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "from (env STREAMER_SOURCE_CHECKPOINT)")
     _common(srv)
     srv.set_defaults(func=_cmd_serve)
+
+    snap = sub.add_parser("snapshots", help="list, show, pin, unpin or roll back the snapshots in the store")
+    snapshots_cli.add_arguments(snap, _common)
+    snap.set_defaults(func=lambda a: snapshots_cli.run(a, _settings(a)))
     return parser
 
 

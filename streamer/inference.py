@@ -6,8 +6,9 @@ consumer group, so that every worker receives every announcement. Scores go to
 `fraud-scores` in the partition of their transaction, keyed by customer id.
 
 A snapshot is verified (SHA-256, feature schema, probe batch) and swapped in between two
-batches; a bad one is rejected and logged while the previous one keeps serving. No
-transaction is scored before the newest valid snapshot on the topic at start is loaded.
+batches; a bad one is rejected and logged while the previous one keeps serving. Pins and
+unpins on the same topic override "newest" (`streamer.snapshot_follower`). No transaction
+is scored before the snapshot to serve at start is loaded.
 
 The feature state is checkpointed with the offsets it includes (`streamer.inference_state`)
 every ``inference_checkpoint_interval_seconds``, and only then are those offsets committed.
@@ -26,10 +27,8 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
-from exporters import decode_announcement, resolve_snapshot_bytes
-
 from .deadletter import DeadLetter, dead_letter_from
-from .errors import BrokerError, CheckpointError, SnapshotError
+from .errors import BrokerError, CheckpointError
 from .events import decode_labels, decode_transactions
 from .features import FeatureState
 from .inference_state import InferenceCheckpoints, InferenceState, assigned_offsets
@@ -37,8 +36,9 @@ from .kafka import consumer_kwargs, consumer_lag, producer_kwargs
 from .labeljoin import LabelJoin
 from .metrics import InferenceMetrics
 from .retry import RetainedSend, commit, reset_positions_beyond_end, retry
-from .scoring import ServedModel, build_served_model, score
+from .scoring import ServedModel, score
 from .settings import Settings
+from .snapshot_follower import SnapshotFollower
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,9 @@ class InferenceWorker:
             LabelJoin(0, deadline_days=settings.label_deadline_days, policy="drop", joined_memory=100_000),
         )
         self.checkpoints = InferenceCheckpoints(settings.inference_checkpoint_dir(worker_id))
-        self.served: ServedModel | None = None
         self._score_thread = ThreadPoolExecutor(1, thread_name_prefix="score")
         self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="snapshot-load")
+        self.snapshot_follower = SnapshotFollower(settings.model_name, metrics, self._load_thread)
         self._consumer: AIOKafkaConsumer | None = None
         self._snapshots: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -88,6 +88,15 @@ class InferenceWorker:
         self._last_checkpoint = time.monotonic()
         # Sent but not yet acknowledged, kept with their records so that they can be sent again.
         self._inflight: list[RetainedSend] = []
+
+    @property
+    def served(self) -> ServedModel | None:
+        """The snapshot being served, None before the first one is loaded."""
+        return self.snapshot_follower.served
+
+    @served.setter
+    def served(self, served: ServedModel | None) -> None:
+        self.snapshot_follower.served = served
 
     @property
     def features(self) -> FeatureState:
@@ -166,13 +175,7 @@ class InferenceWorker:
     async def _follow_snapshots(self) -> None:
         while not self._stopping.is_set():
             batches = await self._snapshots.getmany(timeout_ms=POLL_TIMEOUT_MS)
-            key = self.settings.model_name.encode()
-            # Several models may share the topic: only this model's announcements count. The
-            # newest valid one wins, so after an invalid one the one before it is tried.
-            mine = [r for part in batches.values() for r in part if r.key == key]
-            for record in reversed(mine):
-                if await self._consider(record.value):
-                    break
+            await self.snapshot_follower.follow([r for part in batches.values() for r in part])
             if not batches:
                 await reset_positions_beyond_end(self._snapshots)
             if self.served is not None and not self._model_ready.is_set() and await self._read_to_end():
@@ -184,43 +187,6 @@ class InferenceWorker:
         tp = TopicPartition(self.settings.topics.model_snapshots, 0)
         highwater = self._snapshots.highwater(tp)
         return highwater is not None and await self._snapshots.position(tp) >= highwater
-
-    async def _consider(self, value: bytes) -> bool:
-        """Swap in the announced snapshot if it is newer and valid; return False if it was rejected."""
-        try:
-            announcement = decode_announcement(value)
-        except SnapshotError as exc:
-            self._reject("invalid_announcement", f"invalid snapshot announcement: {exc}")
-            return False
-        manifest = announcement.manifest
-        if manifest.model_name != self.settings.model_name:
-            return False
-        if self.served is not None and manifest.version <= self.served.version:
-            return True
-        try:
-            served = await asyncio.get_running_loop().run_in_executor(
-                self._load_thread, self._load, announcement
-            )
-        except SnapshotError as exc:
-            self._reject("invalid_snapshot", f"snapshot v{manifest.version} rejected: {exc}")
-            return False
-        previous = self.served.version if self.served is not None else 0
-        self.served = served
-        delay = max(0.0, time.time() - manifest.created_at)
-        self.metrics.update_to_serving.observe(delay)
-        self.metrics.snapshots_loaded.inc()
-        self.metrics.model_version.set(manifest.version)
-        logger.info("snapshot swapped in model=%s version=%d previous=%d update_to_serving_seconds=%.3f",
-                    manifest.model_name, manifest.version, previous, delay)
-        return True
-
-    def _load(self, announcement) -> ServedModel:
-        return build_served_model(announcement.manifest, resolve_snapshot_bytes(announcement))
-
-    def _reject(self, reason: str, message: str) -> None:
-        self.metrics.snapshots_rejected.labels(reason).inc()
-        serving = self.served.version if self.served is not None else None
-        logger.error("%s; still serving version=%s", message, serving)
 
     # -- scoring loop -------------------------------------------------------------------------
 

@@ -149,6 +149,9 @@ class InferenceMetrics(IngestMetrics):
             buckets=_TRAIN_BUCKETS, registry=r,
         )
         self.model_version = Gauge("streamer_inference_model_version", "Version of the snapshot being served.", registry=r)
+        self.pinned_version = Gauge(
+            "streamer_inference_pinned_version", "Version pinned by `streamer snapshots pin`, 0 when none is.", registry=r
+        )
         self.snapshots_loaded = Counter("streamer_snapshots_loaded_total", "Snapshots swapped in.", registry=r)
         self.snapshots_rejected = Counter(
             "streamer_snapshots_rejected_total", "Snapshots rejected, by reason.", ["reason"], registry=r

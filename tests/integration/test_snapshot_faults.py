@@ -85,7 +85,7 @@ class ListHandler(logging.Handler):
 def fault_run(settings_factory: Callable[[str], Settings], handbook_dir: Path) -> FaultRun:
     settings = settings_factory("snapshot-faults").replace(partitions=PARTITIONS)
     handler = ListHandler()
-    logger = logging.getLogger("streamer.inference")
+    logger = logging.getLogger("streamer.snapshot_follower")
     logger.addHandler(handler)
     try:
         return asyncio.run(run_faults(settings, handbook_dir / "transactions-2018-07.csv.gz", handler))

@@ -13,9 +13,13 @@ import pytest
 import torch
 
 from exporters.announcement import (
+    CONTROL_PIN,
+    CONTROL_UNPIN,
     INLINE_LIMIT_BYTES,
+    control_key,
     decode_announcement,
     encode_announcement,
+    encode_unpin,
     resolve_snapshot_bytes,
 )
 from exporters.manifest import Manifest
@@ -224,3 +228,55 @@ def test_announcement_value_is_plain_json(store: SnapshotStore) -> None:
     message = json.loads(value.decode("utf-8"))
     assert sorted(message) == ["manifest", "onnx_base64", "store_path"]
     assert message["manifest"] == json.loads(manifest.to_json())
+
+
+# -- control announcements ------------------------------------------------------------------
+
+
+def test_regular_announcement_has_no_control(store: SnapshotStore) -> None:
+    _, _, key, value = announce(store, 1)
+    assert "control" not in json.loads(value)
+    assert decode_announcement(value, key=key).control is None
+
+
+def test_pin_round_trip_under_control_key(store: SnapshotStore) -> None:
+    manifest, data = store.load(1)
+    key, value = encode_announcement(manifest, data, store_path=str(store.model_path(1)), control=CONTROL_PIN)
+    announcement = decode_announcement(value, key=key)
+    assert key == b"fraud/control"
+    assert announcement.control == CONTROL_PIN
+    assert resolve_snapshot_bytes(announcement) == data
+
+
+def test_unpin_round_trip_without_model(store: SnapshotStore) -> None:
+    manifest = store.manifest(1)
+    key, value = encode_unpin(manifest, store_path=str(store.model_path(1)))
+    announcement = decode_announcement(value, key=key)
+    assert key == control_key("fraud")
+    assert announcement.control == CONTROL_UNPIN
+    assert announcement.onnx_bytes is None
+
+
+def test_control_key_differs_from_any_model_name() -> None:
+    # "/" is not allowed in a model name, so no model's regular key equals a control key.
+    assert b"/" in control_key("fraud")
+
+
+def test_pin_under_model_key_rejected(store: SnapshotStore) -> None:
+    manifest, data = store.load(1)
+    _, value = encode_announcement(manifest, data, store_path=str(store.model_path(1)), control=CONTROL_PIN)
+    with pytest.raises(SnapshotError, match="record key b'fraud' differs"):
+        decode_announcement(value, key=b"fraud")
+
+
+def test_unknown_control_rejected(store: SnapshotStore) -> None:
+    _, _, _, value = announce(store, 1)
+    message = dict(json.loads(value), control="freeze")
+    with pytest.raises(SnapshotError, match="control 'freeze' is not one of"):
+        decode_announcement(json.dumps(message).encode())
+
+
+def test_encode_unpin_control_rejected(store: SnapshotStore) -> None:
+    manifest, data = store.load(1)
+    with pytest.raises(SnapshotError, match="invalid control 'unpin'"):
+        encode_announcement(manifest, data, store_path=str(store.model_path(1)), control=CONTROL_UNPIN)
