@@ -264,13 +264,18 @@ def test_rules_api_lists_every_group(live_run: LiveRun):
     assert loaded == set(alert_group_names())
 
 
+def test_rules_api_lists_every_alert(live_run: LiveRun):
+    loaded = {rule["name"] for group in live_run.rules["data"]["groups"] for rule in group["rules"]}
+    assert loaded == {rule["alert"] for rule in alert_rules()}
+
+
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda rule: rule["alert"])
 def test_alert_rule_evaluates_without_error(live_run: LiveRun, rule: dict):
     loaded = {r["name"]: r for group in live_run.rules["data"]["groups"] for r in group["rules"]}
     assert loaded[rule["alert"]]["health"] == "ok", loaded[rule["alert"]].get("lastError")
 
 
-# -- scrape targets --------------------------------------------------------------------------
+# -- Prometheus and its scrape targets ------------------------------------------------------
 
 
 def test_prometheus_logs_no_error(live_run: LiveRun):
