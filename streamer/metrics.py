@@ -18,6 +18,15 @@ _EXPORT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 _LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 _DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
+# Label values exported at 0 from the start. A labelled series appears only once
+# ``.labels()`` is called, so without this a dashboard query over a healthy worker returns no
+# data, and rate() and increase() miss the first count of a series that appears when it moves.
+# The operations are the names that the workers pass to streamer.retry: both workers produce
+# and commit, and the updater also announces snapshots.
+_BROKER_OPERATIONS = ("produce", "commit")
+_UPDATER_BROKER_OPERATIONS = ("announce",)
+_LABEL_DEADLINE_POLICIES = ("genuine", "drop")
+
 
 class IngestMetrics:
     """Counters every consuming worker shares."""
@@ -47,11 +56,21 @@ class IngestMetrics:
             registry=registry,
         )
         self._lag_labels: set[tuple[str, str]] = set()
+        for operation in _BROKER_OPERATIONS:
+            self.broker_errors.labels(operation)
 
     def count_consumed(self, batches: dict) -> None:
-        """Count the records of one poll, ``{TopicPartition: [records]}``, per topic."""
+        """Count the records of one poll, ``{TopicPartition: [records]}``, per topic.
+
+        Also exports ``streamer_invalid_events_total`` at 0 for each topic consumed, because
+        topic names are known only from the records.
+
+        NOTE: when the first poll of a topic already holds invalid records, its series first
+        appears above 0, so rate() and increase() miss those records.
+        """
         for tp, part in batches.items():
             self.events_consumed.labels(tp.topic).inc(len(part))
+            self.invalid_events.labels(tp.topic)
 
     def set_consumer_lag(self, lag: dict) -> None:
         """Set the lag of each partition in ``lag``, ``{TopicPartition: records}``, and drop the other partitions.
@@ -73,11 +92,15 @@ class UpdaterMetrics(IngestMetrics):
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry)
         r = registry
+        for operation in _UPDATER_BROKER_OPERATIONS:
+            self.broker_errors.labels(operation)
         self.labels_joined = Counter("streamer_labels_joined_total", "Labels joined with their transaction.", registry=r)
         self.labels_expired = Counter(
             "streamer_labels_expired_total", "Transactions whose label deadline passed, by policy.", ["policy"],
             registry=r,
         )
+        for policy in _LABEL_DEADLINE_POLICIES:
+            self.labels_expired.labels(policy)
         self.labels_rejected = Counter(
             "streamer_labels_rejected_total",
             "Labels not joined: duplicate, conflicting, or orphan (transaction never seen).",

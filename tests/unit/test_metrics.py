@@ -40,3 +40,45 @@ def test_microbatch_outcomes_exported_at_zero(outcome):
     UpdaterMetrics(registry)
 
     assert registry.get_sample_value("streamer_microbatches_total", {"outcome": outcome}) == 0
+
+
+@pytest.mark.parametrize("operation", ["produce", "commit"])
+def test_broker_errors_exported_at_zero(operation):
+    registry = CollectorRegistry()
+    IngestMetrics(registry)
+
+    assert registry.get_sample_value("streamer_broker_errors_total", {"operation": operation}) == 0
+
+
+def test_updater_announce_errors_exported_at_zero():
+    registry = CollectorRegistry()
+    UpdaterMetrics(registry)
+
+    assert registry.get_sample_value("streamer_broker_errors_total", {"operation": "announce"}) == 0
+
+
+@pytest.mark.parametrize("policy", ["genuine", "drop"])
+def test_labels_expired_exported_at_zero(policy):
+    registry = CollectorRegistry()
+    UpdaterMetrics(registry)
+
+    assert registry.get_sample_value("streamer_labels_expired_total", {"policy": policy}) == 0
+
+
+def test_count_consumed_exports_invalid_events_at_zero():
+    registry = CollectorRegistry()
+    metrics = IngestMetrics(registry)
+
+    metrics.count_consumed({TopicPartition("transactions", 0): [object(), object()]})
+
+    assert registry.get_sample_value("streamer_invalid_events_total", {"topic": "transactions"}) == 0
+
+
+def test_count_consumed_keeps_invalid_count():
+    registry = CollectorRegistry()
+    metrics = IngestMetrics(registry)
+    metrics.invalid_events.labels("transactions").inc(3)
+
+    metrics.count_consumed({TopicPartition("transactions", 0): [object()]})
+
+    assert registry.get_sample_value("streamer_invalid_events_total", {"topic": "transactions"}) == 3
