@@ -23,11 +23,15 @@ import numpy as np
 from river.drift import ADWIN
 
 from .errors import ConfigurationError
+from .evaluation import EvaluationInputError
 from .metrics import UpdaterMetrics
 
 logger = logging.getLogger(__name__)
 
 DETECTOR = "adwin"
+# ADWIN reports changes of the mean in both directions. A fall of the loss follows an
+# improvement, for example once the fine-tuning has adapted to a change.
+DIRECTIONS = ("rise", "fall")
 
 # Scores are clipped to [LOSS_EPSILON, 1 - LOSS_EPSILON], which bounds one example's loss
 # at MAX_LOSS (9.2 nats), so one confidently wrong score cannot dominate the window's mean.
@@ -44,6 +48,7 @@ class DriftDetection:
     event_time_ms: int  # event time of the transaction whose loss completed the detection
     detected_at: float  # wall clock, Unix seconds
     examples: int  # examples fed to the detector so far, this one included
+    direction: str  # "rise" when the recent mean loss is above the older one, else "fall"
     older_examples: int  # the older part of the window, which ADWIN dropped
     older_mean_loss: float  # nats
     recent_examples: int  # the recent part of the window, which ADWIN kept
@@ -87,7 +92,8 @@ class LossDriftDetector:
         self._adwin = ADWIN(delta=delta)
         if metrics is not None:
             # Exported at 0 from the start, so that increase() counts the first detection.
-            metrics.drift_detections.labels(model, DETECTOR)
+            for direction in DIRECTIONS:
+                metrics.drift_detections.labels(model, DETECTOR, direction)
 
     @property
     def width(self) -> int:
@@ -108,8 +114,10 @@ class LossDriftDetector:
 
         ``scores`` are the probabilities the model gave each transaction when it arrived,
         ``event_time_ms`` the transactions' event times, and ``watermark_ms`` the
-        transaction watermark when the labels were judged.
+        transaction watermark when the labels were judged. Raises EvaluationInputError,
+        and feeds nothing, when the arrays differ in length or a score is not finite.
         """
+        _check_batch(labels, scores, event_time_ms)
         # ADWIN's bound is stated for values in [0, 1], so the losses are divided by their
         # maximum.
         values = log_loss(labels, scores) / MAX_LOSS
@@ -142,21 +150,21 @@ class LossDriftDetector:
         recent_examples = self.width
         recent_loss = self._adwin.total * MAX_LOSS
         older_examples = window_examples - recent_examples
+        older_mean_loss = (window_loss - recent_loss) / older_examples if older_examples else math.nan
+        recent_mean_loss = recent_loss / recent_examples if recent_examples else math.nan
         detection = DriftDetection(
             model=self.model, watermark_ms=watermark_ms, event_time_ms=event_time_ms, detected_at=time.time(),
-            examples=examples,
-            older_examples=older_examples,
-            older_mean_loss=(window_loss - recent_loss) / older_examples if older_examples else math.nan,
-            recent_examples=recent_examples,
-            recent_mean_loss=recent_loss / recent_examples if recent_examples else math.nan,
+            examples=examples, direction="fall" if recent_mean_loss < older_mean_loss else "rise",
+            older_examples=older_examples, older_mean_loss=older_mean_loss,
+            recent_examples=recent_examples, recent_mean_loss=recent_mean_loss,
         )
         logger.warning(
-            "drift detected in prequential log loss model=%s detector=%s watermark=%s event_time=%s "
+            "drift detected in prequential log loss model=%s detector=%s direction=%s watermark=%s event_time=%s "
             "detected_at=%s examples=%d older_examples=%d older_mean_loss=%.4f recent_examples=%d "
             "recent_mean_loss=%.4f delta=%g",
-            self.model, DETECTOR, _iso(watermark_ms / 1000), _iso(event_time_ms / 1000), _iso(detection.detected_at),
-            examples, older_examples, detection.older_mean_loss, recent_examples, detection.recent_mean_loss,
-            self.delta,
+            self.model, DETECTOR, detection.direction, _iso(watermark_ms / 1000), _iso(event_time_ms / 1000),
+            _iso(detection.detected_at), examples, older_examples, older_mean_loss, recent_examples,
+            recent_mean_loss, self.delta,
         )
         return detection
 
@@ -167,12 +175,25 @@ class LossDriftDetector:
         m = self.metrics
         if m is None:
             return
-        labels = (self.model, DETECTOR)
+        series = (self.model, DETECTOR)
+        for detection in found:
+            m.drift_detections.labels(*series, detection.direction).inc()
         if found:
-            m.drift_detections.labels(*labels).inc(len(found))
-            m.drift_last_detection.labels(*labels).set(watermark_ms / 1000)
+            m.drift_last_detection.labels(*series).set(watermark_ms / 1000)
         if self.width:
-            m.drift_estimate.labels(*labels).set(self.estimate)
+            m.drift_estimate.labels(*series).set(self.estimate)
+
+
+def _check_batch(labels: np.ndarray, scores: np.ndarray, event_time_ms: np.ndarray) -> None:
+    """Raise EvaluationInputError unless the arrays have one length and every score is finite."""
+    lengths = {"labels": len(labels), "scores": len(scores), "event_time_ms": len(event_time_ms)}
+    if len(set(lengths.values())) > 1:
+        raise EvaluationInputError(f"drift detector input arrays differ in length: {lengths}")
+    if not np.isfinite(np.asarray(scores, dtype=np.float64)).all():
+        raise EvaluationInputError(
+            "drift detector scores must be finite probabilities; a NaN or infinite score would "
+            "corrupt the detector's window"
+        )
 
 
 def _iso(unix_seconds: float) -> str:

@@ -125,7 +125,8 @@ class UpdaterMetrics(IngestMetrics):
         )
         self.drift_detections = Counter(
             "streamer_drift_detections_total",
-            "Changes detected in the prequential log loss, by model and detector.", ["model", "detector"], registry=r,
+            "Changes detected in the prequential log loss, by model, detector and direction (rise or fall).",
+            ["model", "detector", "direction"], registry=r,
         )
         self.drift_last_detection = Gauge(
             "streamer_drift_last_detection_timestamp_seconds",

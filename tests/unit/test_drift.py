@@ -17,6 +17,7 @@ from river.drift import ADWIN
 
 from streamer.drift import MAX_LOSS, LossDriftDetector, log_loss
 from streamer.errors import ConfigurationError
+from streamer.evaluation import EvaluationInputError
 from streamer.events import label_event, transaction_event
 from streamer.metrics import UpdaterMetrics
 from streamer.model import load_feature_state, load_model_checkpoint
@@ -32,6 +33,8 @@ START_MS = 1_530_403_200_000  # 2018-07-01T00:00:00Z
 FLIP_AT = 20_000  # examples before the labels of the synthetic stream are flipped
 BATCH = 1_000
 SERIES = {"model": "live", "detector": "adwin"}
+RISES = {**SERIES, "direction": "rise"}
+FALLS = {**SERIES, "direction": "fall"}
 
 
 def _stream(n: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +106,17 @@ def test_detection_reports_loss_before_and_after():
     assert first.older_mean_loss < 0.2
     assert first.recent_mean_loss > 1.0
     assert first.older_examples > FLIP_AT // 2
+    assert first.direction == "rise"
+
+
+def test_detection_direction_fall_when_loss_drops():
+    labels, scores = _flipped_stream()
+    # Inverted labels first, then the calibrated ones: the loss falls at FLIP_AT.
+    found = _feed(LossDriftDetector(), labels[::-1].copy(), scores[::-1].copy())
+    after_change = [d for d in found if d.examples > FLIP_AT]
+
+    assert after_change[0].direction == "fall"
+    assert after_change[0].recent_mean_loss < after_change[0].older_mean_loss
 
 
 def test_detection_times_are_watermark_and_example():
@@ -152,6 +166,20 @@ def test_estimate_nan_before_first_example():
     assert math.isnan(LossDriftDetector().estimate)
 
 
+def test_update_rejects_non_finite_score():
+    detector = LossDriftDetector()
+
+    with pytest.raises(EvaluationInputError, match="finite"):
+        detector.update(np.array([0, 1]), np.array([0.1, np.nan]), np.array([START_MS, START_MS]), START_MS)
+
+    assert detector.examples == 0
+
+
+def test_update_rejects_arrays_of_different_lengths():
+    with pytest.raises(EvaluationInputError, match="differ in length"):
+        LossDriftDetector().update(np.array([0, 1]), np.array([0.1]), np.array([START_MS, START_MS]), START_MS)
+
+
 @pytest.mark.parametrize("delta", [0.0, 1.0, -0.1, 2.0])
 def test_detector_rejects_delta_outside_unit_interval(delta):
     with pytest.raises(ConfigurationError, match="STREAMER_DRIFT_DELTA"):
@@ -161,11 +189,12 @@ def test_detector_rejects_delta_outside_unit_interval(delta):
 # --- metrics and log line ------------------------------------------------------------------------
 
 
-def test_detections_total_exported_at_zero():
+@pytest.mark.parametrize("series", [RISES, FALLS])
+def test_detections_total_exported_at_zero(series):
     registry = CollectorRegistry()
     LossDriftDetector(metrics=UpdaterMetrics(registry))
 
-    assert registry.get_sample_value("streamer_drift_detections_total", SERIES) == 0
+    assert registry.get_sample_value("streamer_drift_detections_total", series) == 0
 
 
 def test_detection_moves_metrics():
@@ -173,8 +202,10 @@ def test_detection_moves_metrics():
     detector = LossDriftDetector(metrics=UpdaterMetrics(registry))
 
     found = _feed(detector, *_flipped_stream())
+    rises = [d for d in found if d.direction == "rise"]
 
-    assert registry.get_sample_value("streamer_drift_detections_total", SERIES) == len(found)
+    assert registry.get_sample_value("streamer_drift_detections_total", RISES) == len(rises)
+    assert registry.get_sample_value("streamer_drift_detections_total", FALLS) == len(found) - len(rises)
     assert registry.get_sample_value(
         "streamer_drift_last_detection_timestamp_seconds", SERIES
     ) == found[-1].watermark_ms / 1000
@@ -202,6 +233,7 @@ def test_detection_log_line_carries_times(caplog):
     assert f"watermark={watermark}" in lines[0]
     assert "detected_at=20" in lines[0]
     assert f"older_examples={first.older_examples}" in lines[0]
+    assert "direction=rise" in lines[0]
 
 
 # --- settings --------------------------------------------------------------------------------------
@@ -287,8 +319,11 @@ def test_pipeline_detects_flipped_handbook_labels(source_path: Path, tmp_path: P
     assert len(found) >= 1
     assert [d for d in found if d.event_time_ms < FLIP_DAY_MS] == []
     assert min(d.watermark_ms for d in found) >= FLIP_DAY_MS + LABEL_DELAY_MS
+    assert found[0].direction == "rise"
     assert found[0].recent_mean_loss > found[0].older_mean_loss
-    assert registry.get_sample_value("streamer_drift_detections_total", SERIES) == len(found)
+    assert registry.get_sample_value("streamer_drift_detections_total", RISES) + registry.get_sample_value(
+        "streamer_drift_detections_total", FALLS
+    ) == len(found)
 
 
 @pytest.mark.usefixtures("one_torch_thread", "handbook_dir")
