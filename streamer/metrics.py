@@ -153,6 +153,21 @@ class UpdaterMetrics(IngestMetrics):
         self.watermark = Gauge(
             "streamer_updater_watermark_seconds", "Newest event time seen, Unix seconds.", registry=r
         )
+        self.drift_detections = Counter(
+            "streamer_drift_detections_total",
+            "Changes detected in the prequential log loss, by model, detector and direction (rise or fall).",
+            ["model", "detector", "direction"], registry=r,
+        )
+        self.drift_last_detection = Gauge(
+            "streamer_drift_last_detection_timestamp_seconds",
+            "Transaction watermark (event time, Unix seconds) at the last drift detection, by model and detector.",
+            ["model", "detector"], registry=r,
+        )
+        self.drift_estimate = Gauge(
+            "streamer_drift_estimate",
+            "Mean prequential log loss (nats) in the drift detector's window, by model and detector.",
+            ["model", "detector"], registry=r,
+        )
 
 
 class InferenceMetrics(IngestMetrics):

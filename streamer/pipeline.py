@@ -21,6 +21,7 @@ import torch
 
 from .checkpoint import CheckpointData
 from .deadletter import DeadLetter, dead_letter_from
+from .drift import LossDriftDetector
 from .evaluation import PrequentialLog, RollingPrequential
 from .events import TransactionBatch, decode_labels, decode_transactions
 from .faults import crash_point
@@ -94,6 +95,7 @@ class UpdaterPipeline:
         self.rolling_live = RollingPrequential()
         self.rolling_source = RollingPrequential()
         self.log = PrequentialLog()
+        self.drift = LossDriftDetector(settings.drift_delta, model="live", metrics=metrics)
         self.offsets: dict[str, dict[int, int]] = {}
         self.watermark_ms = 0  # newest transaction event time of any partition
         self.partition_watermarks: dict[tuple[str, int], int] = {}  # (topic, partition) -> newest event time
@@ -285,6 +287,7 @@ class UpdaterPipeline:
                 customer_id=cols["customer_id"], label=joined.label, live_score=cols["live_score"],
                 source_score=cols["source_score"], model_version=cols["model_version"],
             )
+            self.drift.update(joined.label, cols["live_score"], cols["event_time_ms"], self.watermark_ms)
         if self._buffered == 0:
             self._buffer_since = time.monotonic()
         self._buffer_x.append(joined.features)

@@ -83,6 +83,10 @@ class Settings:
     # STREAMER_RESET_HEAD: re-initialise the output layer even when its shape matches.
     reset_head: bool = False
 
+    # STREAMER_DRIFT_DELTA: significance of the ADWIN drift detector on the live model's
+    # prequential log loss, between 0 and 1. Smaller values report fewer and larger changes.
+    drift_delta: float = 0.002
+
     # STREAMER_CHECKPOINT_INTERVAL_SECONDS: wall-clock seconds between checkpoints; the
     # offsets of the events a checkpoint includes are committed right after it.
     checkpoint_interval_seconds: float = 10.0
@@ -130,6 +134,10 @@ class Settings:
             raise ConfigurationError(f"stop_timeout_seconds must be > 0, got {self.stop_timeout_seconds}")
         if self.l2sp_lambda < 0 or self.learning_rate <= 0:
             raise ConfigurationError("l2sp_lambda must be >= 0 and learning_rate > 0")
+        if not 0 < self.drift_delta < 1:
+            raise ConfigurationError(
+                f"drift_delta (STREAMER_DRIFT_DELTA) must be between 0 and 1 (exclusive), got {self.drift_delta}"
+            )
         if not self.inference_checkpoint_interval_seconds >= 0:
             raise ConfigurationError(
                 "inference_checkpoint_interval_seconds (STREAMER_INFERENCE_CHECKPOINT_INTERVAL_SECONDS) "

@@ -42,6 +42,8 @@ REQUIRED_METRICS = frozenset({
     "streamer_invalid_events_total",
     "streamer_broker_up",
     "streamer_broker_errors_total",
+    "streamer_drift_estimate",
+    "streamer_drift_detections_total",
 })
 
 _METRIC_DEFINITION = re.compile(r"\b(Counter|Gauge|Histogram)\(\s*\"(streamer_\w+)\"")
