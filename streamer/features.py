@@ -179,9 +179,9 @@ class FeatureState:
         customers = _as_int64("customer_id", np.asarray([customer_id]))
         terminals = _as_int64("terminal_id", np.asarray([terminal_id]))
         amounts = _as_finite_float64("amount", np.asarray([amount]))
-        time, amount_ = int(times[0]), float(amounts[0])
-        counts, sums = self._peek_customer(time, int(customers[0]), amount_)
-        terminal_counts, fraud_counts = self._peek_terminal(time, int(terminals[0]))
+        time_ms = int(times[0])
+        counts, sums = self._peek_customer(time_ms, int(customers[0]), float(amounts[0]))
+        terminal_counts, fraud_counts = self._peek_terminal(time_ms, int(terminals[0]))
         return self._assemble(times, amounts, counts, sums, terminal_counts, fraud_counts)
 
     def _peek_customer(self, time: int, customer: int, amount: float) -> tuple[list[int], list[float]]:
