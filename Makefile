@@ -25,6 +25,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_updater.py
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_http.py
 
 clean:
 	rm -rf $(VENV) streamer-demo streamer-data .pytest_cache
