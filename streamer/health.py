@@ -29,6 +29,7 @@ from .metrics import IngestMetrics
 # worker receives one per assigned partition about every 0.1 s (the fetch wait) even when
 # no record comes. The updater does not fetch while a micro-batch has run for more than
 # 0.5 s (its partitions are paused), so a micro-batch longer than this makes it not ready.
+# NOTE: 30 s is a judgement, not tuned against real probe periods or broker failovers.
 BROKER_FETCH_MAX_AGE_SECONDS = 30.0
 
 
