@@ -28,10 +28,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from exporters import decode_announcement, resolve_snapshot_bytes
 
+from . import health
 from .deadletter import DeadLetter, dead_letter_from
 from .errors import BrokerError, CheckpointError, SnapshotError
 from .events import decode_labels, decode_transactions
-from . import health
 from .features import FeatureState
 from .health import Check, HealthReport
 from .inference_state import InferenceCheckpoints, InferenceState, assigned_offsets
