@@ -26,6 +26,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_updater.py
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_swaps.py
+	$(PY) benchmarks/bench_http.py
 
 clean:
 	rm -rf $(VENV) streamer-demo streamer-data .pytest_cache

@@ -20,6 +20,7 @@ import mode
 from prometheus_client import CollectorRegistry
 
 from .errors import ConfigurationError
+from .http_api import start_http_server
 from .inference import InferenceWorker
 from .kafka import ensure_topics, faust_broker_settings
 from .metrics import InferenceMetrics, UpdaterMetrics, serve_metrics
@@ -90,12 +91,17 @@ def create_updater_app(settings: Settings, registry: CollectorRegistry | None = 
             serve_metrics(registry, settings.metrics_host, settings.updater_metrics_port)
             await _create_missing_topics(settings)
             self.updater = Updater(settings, source, metrics, features)
+            # Started first, so that probes see the worker as live but not ready while it starts.
+            self.http = await start_http_server(self.updater, settings.http_host, settings.updater_http_port,
+                                                scoring=False)
             await self.updater.start()
             _watch(self.updater._task, self)
 
         async def on_stop(self) -> None:
             if getattr(self, "updater", None) is not None:
                 await self.updater.stop()
+            if getattr(self, "http", None) is not None:
+                await self.http.stop()
 
     return app
 
@@ -118,6 +124,8 @@ def create_inference_app(settings: Settings, registry: CollectorRegistry | None 
             serve_metrics(registry, settings.metrics_host, settings.inference_metrics_port)
             await _create_missing_topics(settings)
             self.worker = InferenceWorker(settings, metrics, initial_features=features)
+            self.http = await start_http_server(self.worker, settings.http_host, settings.inference_http_port,
+                                                scoring=True)
             await self.worker.start()
             for task in self.worker._tasks:
                 _watch(task, self)
@@ -125,6 +133,8 @@ def create_inference_app(settings: Settings, registry: CollectorRegistry | None 
         async def on_stop(self) -> None:
             if getattr(self, "worker", None) is not None:
                 await self.worker.stop()
+            if getattr(self, "http", None) is not None:
+                await self.http.stop()
 
     return app
 

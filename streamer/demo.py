@@ -107,6 +107,9 @@ class Workers:
             "STREAMER_SOURCE_CHECKPOINT": str(source),
             "STREAMER_UPDATER_METRICS_PORT": str(self.updater_port),
             "STREAMER_INFERENCE_METRICS_PORT": str(self.inference_port),
+            # The demo reads no HTTP endpoint, so free ports keep it from colliding with running workers.
+            "STREAMER_UPDATER_HTTP_PORT": os.environ.get("STREAMER_UPDATER_HTTP_PORT", "0"),
+            "STREAMER_INFERENCE_HTTP_PORT": os.environ.get("STREAMER_INFERENCE_HTTP_PORT", "0"),
             "STREAMER_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
             "STREAMER_EXPORT_EVERY_BATCHES": str(settings.export_every_batches),
         })

@@ -162,6 +162,54 @@ class FeatureState:
         self._entry_count += 2 * len(times_list)
         return self._assemble(times, amounts, counts, sums, terminal_counts, fraud_counts)
 
+    def peek_transaction(
+        self, event_time_ms: int, customer_id: int, terminal_id: int, amount: float
+    ) -> np.ndarray:
+        """Compute the features of one transaction as if it came next, without adding it to the state.
+
+        The float32 result of shape ``(1, len(feature_names))`` equals the row that
+        :meth:`transform_transactions` would return for this transaction now, but the state
+        stays as it was, so a transaction that is only looked at (for example an HTTP
+        scoring request) never counts in the windows of later ones.
+
+        Raises:
+            FeatureInputError: the time or an id is not an integer, or the amount is not finite.
+        """
+        times = _as_int64("event_time_ms", np.asarray([event_time_ms]))
+        customers = _as_int64("customer_id", np.asarray([customer_id]))
+        terminals = _as_int64("terminal_id", np.asarray([terminal_id]))
+        amounts = _as_finite_float64("amount", np.asarray([amount]))
+        time_ms = int(times[0])
+        counts, sums = self._peek_customer(time_ms, int(customers[0]), float(amounts[0]))
+        terminal_counts, fraud_counts = self._peek_terminal(time_ms, int(terminals[0]))
+        return self._assemble(times, amounts, counts, sums, terminal_counts, fraud_counts)
+
+    def _peek_customer(self, time: int, customer: int, amount: float) -> tuple[list[int], list[float]]:
+        # The same arithmetic, in the same order, as _update_customers after inserting the
+        # transaction behind the entries of equal time, so the float sums match exactly.
+        entry = self._customers.get(customer)
+        if entry is None:
+            return [1] * len(self.customer_windows_ms), [amount] * len(self.customer_windows_ms)
+        entry_times, entry_sums = entry
+        end = bisect_right(entry_times, time)
+        total = entry_sums[end] + amount
+        counts, sums = [], []
+        for window in self.customer_windows_ms:
+            start = bisect_right(entry_times, time - window, 0, end)
+            counts.append(end - start + 1)
+            sums.append(total - entry_sums[start])
+        return counts, sums
+
+    def _peek_terminal(self, time: int, terminal: int) -> tuple[list[int], list[int]]:
+        windows = self.terminal_windows_ms
+        window_end = time - self.terminal_delay_ms
+        counts = _window_counts(self._terminal_times.get(terminal, array("q")), window_end, windows)
+        if self.terminal_delay_ms == 0:
+            # Without a delay the window (t - w, t] contains the transaction itself.
+            counts = [count + 1 for count in counts]
+        fraud_counts = _window_counts(self._terminal_frauds.get(terminal, array("q")), window_end, windows)
+        return counts, fraud_counts
+
     def observe_labels(
         self, transaction_time_ms: np.ndarray, terminal_id: np.ndarray, label: np.ndarray
     ) -> None:

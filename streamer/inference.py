@@ -27,10 +27,12 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from . import health
 from .deadletter import DeadLetter, dead_letter_from
 from .errors import BrokerError, CheckpointError
 from .events import decode_labels, decode_transactions
 from .features import FeatureState
+from .health import Check, HealthReport
 from .inference_state import InferenceCheckpoints, InferenceState, assigned_offsets
 from .kafka import consumer_kwargs, consumer_lag, producer_kwargs
 from .labeljoin import LabelJoin
@@ -169,6 +171,33 @@ class InferenceWorker:
 
     async def _in_score_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._score_thread, fn, *args)
+
+    # -- health and HTTP scoring ----------------------------------------------------------------
+
+    def liveness(self) -> HealthReport:
+        """Report whether the snapshot follower and the scoring loop run (see `streamer.health`)."""
+        return health.liveness(self._tasks, self._stopping.is_set())
+
+    def readiness(self) -> HealthReport:
+        """Report whether the worker scores: started, partitions assigned, a snapshot served, broker reachable."""
+        served = self.served
+        model = (Check(True, f"serving snapshot version {served.version}") if served is not None
+                 else Check(False, "no snapshot served yet"))
+        return health.readiness(started=bool(self._tasks), stopping=self._stopping.is_set(),
+                                consumer=self._consumer, model=model, metrics=self.metrics)
+
+    async def peek_features(self, event_time_ms: int, customer_id: int, terminal_id: int, amount: float) -> np.ndarray:
+        """Compute one transaction's features from the current state without adding it (one float32 row).
+
+        It runs in the score thread, between two batches, because only that thread reads or
+        changes the state.
+
+        Raises:
+            RuntimeError: the worker has stopped, so its score thread is shut down.
+        """
+        return await self._in_score_thread(
+            lambda: self.features.peek_transaction(event_time_ms, customer_id, terminal_id, amount)
+        )
 
     # -- snapshots ----------------------------------------------------------------------------
 

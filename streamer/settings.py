@@ -114,6 +114,13 @@ class Settings:
     # STREAMER_UPDATER_METRICS_PORT / STREAMER_INFERENCE_METRICS_PORT; 0 picks a free port.
     updater_metrics_port: int = 9466
     inference_metrics_port: int = 9467
+    # STREAMER_HTTP_HOST: address of the HTTP endpoints (health checks, and scoring on the
+    # inference worker). Nothing on them authenticates, so keep loopback unless a proxy or
+    # a container boundary guards them.
+    http_host: str = "127.0.0.1"
+    # STREAMER_UPDATER_HTTP_PORT / STREAMER_INFERENCE_HTTP_PORT; 0 picks a free port.
+    updater_http_port: int = 8466
+    inference_http_port: int = 8467
     # STREAMER_CONSUMER_GROUP_PREFIX: consumer groups are "<prefix>-updater" and
     # "<prefix>-inference".
     consumer_group_prefix: str = "streamer"
@@ -138,6 +145,9 @@ class Settings:
             raise ConfigurationError(
                 f"drift_delta (STREAMER_DRIFT_DELTA) must be between 0 and 1 (exclusive), got {self.drift_delta}"
             )
+        for name in ("updater_metrics_port", "inference_metrics_port", "updater_http_port", "inference_http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigurationError(f"{name} must be a TCP port from 0 to 65535, got {getattr(self, name)}")
         if not self.inference_checkpoint_interval_seconds >= 0:
             raise ConfigurationError(
                 "inference_checkpoint_interval_seconds (STREAMER_INFERENCE_CHECKPOINT_INTERVAL_SECONDS) "

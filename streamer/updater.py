@@ -27,12 +27,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from exporters import SnapshotStore, encode_announcement
 
+from . import health
 from .checkpoint import CheckpointStore
 from .deadletter import DeadLetter
 from .errors import BrokerError
 from .faults import crash_point
 from .export_process import export_pool, export_serialised, serialise_model
 from .features import FEATURE_NAMES
+from .health import Check, HealthReport
 from .kafka import consumer_kwargs, consumer_lag, producer_kwargs
 from .metrics import UpdaterMetrics
 from .model import ModelCheckpoint
@@ -175,6 +177,17 @@ class Updater:
                            step, self.settings.stop_timeout_seconds)
             return False
         return True
+
+    def liveness(self) -> HealthReport:
+        """Report whether the updater loop runs (see `streamer.health`)."""
+        return health.liveness([self._task] if self._task is not None else [], self._stopping.is_set())
+
+    def readiness(self) -> HealthReport:
+        """Report whether the updater trains: started with its model, partitions assigned, broker reachable."""
+        model = (Check(True, f"target model loaded, newest snapshot version {self.pipeline.served_version}")
+                 if self.started else Check(False, "target model not ready: start() has not announced a snapshot yet"))
+        return health.readiness(started=self.started, stopping=self._stopping.is_set(), consumer=self._consumer,
+                                model=model, metrics=self.metrics)
 
     def _save_prequential_log(self) -> Path:
         path = self.settings.data_dir / "reports" / f"prequential-{self.settings.model_name}.npz"

@@ -79,6 +79,9 @@ def worker_env(
         "STREAMER_TOPIC_FRAUD_SCORES": topics.fraud_scores,
         "STREAMER_UPDATER_METRICS_PORT": str(updater_port),
         "STREAMER_INFERENCE_METRICS_PORT": str(inference_port),
+        # Free ports, so that parallel test runs on one machine do not collide.
+        "STREAMER_UPDATER_HTTP_PORT": "0",
+        "STREAMER_INFERENCE_HTTP_PORT": "0",
         # Small micro-batches and frequent exports: several snapshot versions from a short replay.
         "STREAMER_MICROBATCH_SIZE": "64",
         "STREAMER_EXPORT_EVERY_BATCHES": "5",

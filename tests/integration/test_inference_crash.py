@@ -168,6 +168,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "STREAMER_TOPIC_MODEL_SNAPSHOTS": topics.model_snapshots,
         "STREAMER_TOPIC_FRAUD_SCORES": topics.fraud_scores,
         "STREAMER_INFERENCE_CHECKPOINT_INTERVAL_SECONDS": str(CHECKPOINT_INTERVAL_SECONDS),
+        # A free port, so that parallel test runs on one machine do not collide.
+        "STREAMER_INFERENCE_HTTP_PORT": "0",
     })
     return env
 

@@ -744,3 +744,93 @@ def test_observe_labels_rejects_non_binary_label():
 def test_state_rejects_invalid_configuration(kwargs):
     with pytest.raises(ConfigurationError):
         FeatureState(**kwargs)
+
+
+# -- peek_transaction ------------------------------------------------------------------------
+
+
+def _handbook_row(data: helpers.HandbookTransactions, row: int) -> tuple[int, int, int, float]:
+    return (int(data.event_time_ms[row]), int(data.customer_id[row]), int(data.terminal_id[row]),
+            float(data.amount[row]))
+
+
+def _state_after_days(data: helpers.HandbookTransactions, days: int) -> tuple[FeatureState, int]:
+    """A state that has seen the first ``days`` days (labels 7 days late); return it and the next row."""
+    head = _first_days(data, days)
+    _, state = replay(head, chunk_events=500)
+    return state, len(head)
+
+
+def test_peek_transaction_equals_transform_on_handbook(handbook):
+    state, first = _state_after_days(handbook, days=10)
+    mismatched = []
+    # Each row is peeked, then added, so later rows meet customers and terminals seen before.
+    for row in range(first, first + 2000):
+        values = _handbook_row(handbook, row)
+        peeked = state.peek_transaction(*values)
+        added = transform(state, [values])
+        if not np.array_equal(peeked, added):
+            mismatched.append(row)
+    assert mismatched == []
+
+
+def test_peek_transaction_leaves_state_unchanged(handbook):
+    state, first = _state_after_days(handbook, days=10)
+    before = state.state_dict()
+    entries = state.num_entries
+    for row in range(first, first + 200):
+        state.peek_transaction(*_handbook_row(handbook, row))
+    after = state.state_dict()
+    assert after.keys() == before.keys()
+    assert [name for name in before if not np.array_equal(before[name], after[name])] == []
+    assert state.num_entries == entries
+
+
+def test_peek_transaction_late_event_equals_transform():
+    state = FeatureState()
+    transform(state, [(MONDAY_MS, 1, 10, 10.0), (MONDAY_MS + 2 * HOUR_MS, 1, 10, 20.0),
+                      (MONDAY_MS + 5 * HOUR_MS, 1, 10, 40.0)])
+    late = (MONDAY_MS + 2 * HOUR_MS, 1, 10, 5.0)  # ties with the second entry, older than the third
+    peeked = state.peek_transaction(*late)
+    assert np.array_equal(peeked, transform(state, [late]))
+
+
+def test_peek_transaction_unknown_customer_and_terminal():
+    state = FeatureState()
+    transform(state, [(MONDAY_MS, 1, 10, 10.0)])
+    peeked = state.peek_transaction(MONDAY_MS + HOUR_MS, 2, 20, 30.0)
+    assert peeked[0, COLUMN["customer_count_30d"]] == 1
+    assert peeked[0, COLUMN["customer_mean_amount_30d"]] == 30.0
+    assert peeked[0, COLUMN["terminal_count_30d"]] == 0
+
+
+def test_peek_transaction_counts_observed_frauds():
+    state = FeatureState()
+    transform(state, [(MONDAY_MS, 1, 10, 10.0), (MONDAY_MS + HOUR_MS, 2, 10, 10.0)])
+    state.observe_labels(np.array([MONDAY_MS]), np.array([10]), np.array([1]))
+    values = (MONDAY_MS + 8 * DAY_MS, 3, 10, 1.0)
+    peeked = state.peek_transaction(*values)
+    assert peeked[0, COLUMN["terminal_fraud_rate_7d"]] == 0.5
+    assert np.array_equal(peeked, transform(state, [values]))
+
+
+def test_peek_transaction_without_delay_counts_itself():
+    state = FeatureState(terminal_delay_days=0)
+    transform(state, [(MONDAY_MS, 1, 10, 10.0)])
+    values = (MONDAY_MS + HOUR_MS, 2, 10, 5.0)
+    peeked = state.peek_transaction(*values)
+    assert peeked[0, COLUMN["terminal_count_1d"]] == 2
+    assert np.array_equal(peeked, transform(state, [values]))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ((1.5, 1, 1, 1.0), "event_time_ms must have an integer dtype"),
+        ((MONDAY_MS, "7", 1, 1.0), "customer_id must have an integer dtype"),
+        ((MONDAY_MS, 1, 1, float("nan")), "amount must be finite"),
+    ],
+)
+def test_peek_transaction_rejects_invalid_input(values, message):
+    with pytest.raises(FeatureInputError, match=message):
+        FeatureState().peek_transaction(*values)
