@@ -155,7 +155,14 @@ def test_compose_host_ports_bound_to_loopback():
 
 def test_compose_inference_port_scalable():
     """Replicas of the inference worker get an ephemeral host port each."""
-    assert _compose()["services"]["inference"]["ports"] == ["127.0.0.1::9467"]
+    assert _compose()["services"]["inference"]["ports"] == ["127.0.0.1::9467", "127.0.0.1::8467"]
+
+
+@pytest.mark.parametrize(("name", "port"), [("updater", 8466), ("inference", 8467)])
+def test_compose_worker_healthcheck_probes_liveness(name, port):
+    probe = " ".join(_compose()["services"][name]["healthcheck"]["test"])
+
+    assert f"http://127.0.0.1:{port}/health/live" in probe
 
 
 def test_compose_inference_checkpoints_per_replica():
