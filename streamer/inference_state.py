@@ -28,6 +28,9 @@ from .labeljoin import LabelJoin
 logger = logging.getLogger(__name__)
 
 FORMAT = "streamer-inference-checkpoint/1"
+# Pruning scans every key: once per event-time day, as in the updater, keeps the state
+# within a day of its horizon. Without it the state, and each checkpoint, grows for ever.
+PRUNE_EVERY_MS = DAY_MS
 
 
 @dataclass
@@ -41,6 +44,8 @@ class InferenceState:
     # topic -> partition -> next offset to read: the first record the state does not include.
     offsets: dict[str, dict[int, int]] = field(default_factory=dict)
     scored: int = 0  # transactions scored from the records before ``offsets``
+    # Event time of the last prune; 0 prunes at the first batch, also after a restore.
+    pruned_at_ms: int = 0
 
     def advance(self, records: list) -> None:
         """Record that the state includes ``records`` (consumer records of one poll)."""
@@ -66,6 +71,11 @@ class InferenceState:
             self.features.observe_labels(joined.columns["event_time_ms"], joined.columns["terminal_id"], joined.label)
         watermark = int(columns["event_time_ms"][-1])
         self.labels.expire(watermark)
+        if watermark - self.pruned_at_ms >= PRUNE_EVERY_MS:
+            # Like the updater, at the newest event time: a transaction of a partition more
+            # than a day behind may miss entries at the far end of its 30-day windows.
+            self.features.prune(watermark)
+            self.pruned_at_ms = watermark
 
     def forget(self, partitions: list) -> None:
         """Drop the offsets of partitions whose consumer was reset to their beginning.
@@ -135,8 +145,8 @@ class InferenceCheckpoints:
         the included records acknowledged, because a restart resumes after them.
         """
         # Every change to the state comes with records, so equal offsets mean an equal state.
-        # NOTE: the inference worker never prunes its feature state, so each checkpoint is
-        # larger than the last, by every customer and terminal entry seen since.
+        # NOTE: each checkpoint writes the whole feature state (30 days of events), not the
+        # change since the last one, and scoring waits for it.
         if state.offsets == self.offsets:
             return False
         data = state.checkpoint_data(meta)

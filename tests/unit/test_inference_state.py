@@ -22,7 +22,7 @@ import helpers
 from streamer.checkpoint import CheckpointData, CheckpointStore
 from streamer.errors import CheckpointError, ConfigurationError
 from streamer.events import decode_labels, decode_transactions, label_event, transaction_event
-from streamer.features import FeatureState
+from streamer.features import DAY_MS, FeatureState
 from streamer.inference_state import FORMAT, InferenceCheckpoints, InferenceState, assigned_offsets
 from streamer.labeljoin import LabelJoin
 from streamer.settings import Settings
@@ -289,3 +289,29 @@ def test_negative_checkpoint_interval_rejected():
 def test_checkpoint_dir_named_by_model_and_worker():
     settings = Settings(data_dir=Path("data"), model_name="fraud")
     assert settings.inference_checkpoint_dir("inference-1") == Path("data/inference-checkpoints/fraud/inference-1")
+
+
+def _transaction_record(tx_id: int, time_ms: int, customer: int) -> Record:
+    event = transaction_event(tx_id, time_ms, customer, customer, 10.0)
+    return Record(TRANSACTIONS, 0, tx_id, str(customer).encode(), orjson.dumps(event))
+
+
+def test_state_pruned_past_every_window():
+    state = new_state()
+    start_ms = 1_530_403_200_000  # 2018-07-01
+    process(state, [_transaction_record(0, start_ms, 1)])
+
+    process(state, [_transaction_record(1, start_ms + 45 * DAY_MS, 2)])
+
+    assert state.features.state_dict()["customer_keys"].tolist() == [2]
+
+
+def test_state_not_pruned_within_a_day():
+    state = new_state()
+    start_ms = 1_530_403_200_000
+    process(state, [_transaction_record(0, start_ms, 1)])  # the first batch prunes at its time
+    process(state, [_transaction_record(1, start_ms + 31 * DAY_MS, 2)])
+
+    process(state, [_transaction_record(2, start_ms + 31 * DAY_MS + 3_600_000, 3)])
+
+    assert state.pruned_at_ms == start_ms + 31 * DAY_MS
