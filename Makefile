@@ -19,7 +19,10 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/streamer demo
 
+# tests/deploy runs promtool, Prometheus and docker-compose: installed from Debian's
+# packages when missing (needs root or sudo).
 test: $(VENV)/.installed
+	scripts/install-test-tools
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
