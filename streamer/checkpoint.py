@@ -102,7 +102,9 @@ class CheckpointStore:
         """
         started = time.perf_counter()
         self.directory.mkdir(parents=True, exist_ok=True)
-        sequence = (self.latest_sequence() or 0) + 1
+        # Above every folder, not only LATEST's: a crash between the rename (step 2) and
+        # LATEST (step 3) leaves a complete folder that LATEST does not name yet.
+        sequence = max(self.latest_sequence() or 0, self._newest_folder()) + 1
         final = self.directory / f"ckpt-{sequence:06d}"
         tmp = self.directory / f".tmp-ckpt-{sequence:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,6 +134,7 @@ class CheckpointStore:
         # 2. Publish the folder under its final name.
         os.replace(tmp, final)
         _fsync_dir(self.directory)
+        crash_point("checkpoint.renamed")
 
         # 3. Point LATEST at it.
         _write_file(self.directory / ".tmp-LATEST", final.name.encode())
@@ -145,6 +148,16 @@ class CheckpointStore:
             meta["offsets"],
         )
         return final
+
+    def _newest_folder(self) -> int:
+        """Return the highest sequence among the ``ckpt-NNNNNN`` folders, 0 if there is none."""
+        if not self.directory.is_dir():
+            return 0
+        sequences = [
+            int(entry.name[5:]) for entry in self.directory.iterdir()
+            if entry.name.startswith("ckpt-") and entry.name[5:].isdigit()
+        ]
+        return max(sequences, default=0)
 
     def _prune(self, newest: int) -> None:
         for entry in self.directory.iterdir():

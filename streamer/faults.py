@@ -22,6 +22,7 @@ ENV = "STREAMER_CRASH_AT"
 CRASH_POINTS = (
     "microbatch.trained",  # after an optimiser step, before the ledger and counters record it
     "checkpoint.written",  # checkpoint files written and synced, not yet renamed into place
+    "checkpoint.renamed",  # checkpoint folder renamed into place, LATEST not yet pointing at it
     "export.converted",  # ONNX bytes built, nothing published
     "export.published",  # snapshot in the store, not yet announced
 )

@@ -1,11 +1,11 @@
 """Fault injection: the updater killed with SIGKILL at several points of a replay loses and repeats nothing.
 
 Two runs consume the same 4,157 July transactions and their labels, replayed in the same
-five chunks into each run's own topics. The reference run is never interrupted. In the
+six chunks into each run's own topics. The reference run is never interrupted. In the
 other one, a chunk is replayed before each start, and each run is killed: by crash points
-(`streamer.faults`) during a micro-batch, between writing a checkpoint and making it
-visible, after an ONNX export was built and after it was stored but before it was
-announced, and once from outside at no particular point. It is then left to finish and
+(`streamer.faults`) during a micro-batch, between writing a checkpoint and renaming it,
+between renaming it and pointing LATEST at it, after an ONNX export was built and after
+it was stored but before it was announced, and once from outside at no particular point. It is then left to finish and
 stopped with SIGTERM.
 
 Afterwards the training ledger (`streamer.ledger`) of each run must list every replayed
@@ -41,9 +41,10 @@ from workers import (
 pytestmark = pytest.mark.e2e
 
 PARTITIONS = 4
-# Event-time chunks of 2018-07-01 with 879, 813, 1,098, 668 and 699 transactions: one per run
-# of the killed updater, so that each run has work to be killed in.
-CHUNKS = (("00:00", "05:00"), ("05:00", "07:00"), ("07:00", "09:00"), ("09:00", "10:00"), ("10:00", "11:00"))
+# Event-time chunks of 2018-07-01 with 879, 813, 552, 546, 668 and 699 transactions: one per
+# run of the killed updater, so that each run has work to be killed in.
+CHUNKS = (("00:00", "05:00"), ("05:00", "07:00"), ("07:00", "08:00"), ("08:00", "09:00"), ("09:00", "10:00"),
+          ("10:00", "11:00"))
 DAY = "2018-07-01T"
 LABEL_DELAY_DAYS = 0.1
 # Each run with a crash point must die there; a run still alive after this many seconds fails.
@@ -53,6 +54,7 @@ CRASH_TIMEOUT_SECONDS = 90
 CRASHES = (
     ("microbatch.trained", 10),
     ("checkpoint.written", 2),
+    ("checkpoint.renamed", 2),
     ("export.converted", 2),
     ("export.published", 2),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +265,18 @@ def test_store_round_trip_keeps_trainer_state(tmp_path):
     for index, state in data.trainer["optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(loaded.trainer["optimizer"]["state"][index][key], value), (index, key)
+
+
+def test_store_save_after_crash_before_latest(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.save(make_checkpoint_data())
+    # A crash after renaming the second checkpoint's folder, before LATEST named it.
+    shutil.copytree(tmp_path / "ckpt-000001", tmp_path / "ckpt-000002")
+
+    saved = store.save(make_checkpoint_data())
+
+    assert saved.name == "ckpt-000003"
+    assert (tmp_path / "LATEST").read_text() == "ckpt-000003"
 
 
 def test_store_round_trip_restores_trainer(tmp_path):
