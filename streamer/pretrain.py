@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,13 @@ class PretrainConfig:
 
 def pretrain(config: PretrainConfig) -> ModelCheckpoint:
     """Train and save the source model; return the checkpoint that was written."""
+    for name in ("start", "end"):
+        try:
+            date.fromisoformat(getattr(config, name))
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                f"--{name} {getattr(config, name)!r} is not a valid date: use YYYY-MM-DD, for example 2018-04-01"
+            ) from None
     if config.start >= config.end:
         raise ConfigurationError(f"the period is empty: start {config.start} is not before end {config.end}")
     torch.manual_seed(config.seed)

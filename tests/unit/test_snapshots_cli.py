@@ -13,7 +13,7 @@ import torch
 from exporters import CONTROL_PIN, CONTROL_UNPIN, SnapshotStore, control_key, decode_announcement, export_onnx
 from exporters.onnx_export import ExportResult
 from streamer import cli, snapshots_cli
-from streamer.errors import BrokerError, SnapshotError
+from streamer.errors import BrokerError, ConfigurationError, SnapshotError
 from streamer.features import FEATURE_NAMES
 from streamer.settings import Settings
 
@@ -202,6 +202,11 @@ def test_pin_failed_announcement_leaves_unpinned(settings: Settings, store: Snap
     assert store.pinned() is None
 
 
+def test_rollback_without_bootstrap_names_rollback(settings: Settings, store: SnapshotStore, announced):
+    with pytest.raises(ConfigurationError, match="snapshots rollback announces"):
+        run(settings.replace(kafka_bootstrap=""), "rollback")
+
+
 def test_pin_without_bootstrap_rejected(settings: Settings, store: SnapshotStore, announced):
     with pytest.raises(Exception, match="STREAMER_KAFKA_BOOTSTRAP"):
         run(settings.replace(kafka_bootstrap=""), "pin", "2")
@@ -231,6 +236,10 @@ def test_unpin_announces_released_version(settings: Settings, store: SnapshotSto
     announcement = decode_announcement(announced[-1][1], key=announced[-1][0])
     assert announcement.control == CONTROL_UNPIN
     assert announcement.manifest.version == 2
+
+
+def test_unpin_without_pin_says_none_was_recorded(settings: Settings, store: SnapshotStore, announced):
+    assert "no pin was recorded" in run(settings, "unpin")
 
 
 def test_unpin_without_pin_still_announces(settings: Settings, store: SnapshotStore, announced):
