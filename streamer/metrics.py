@@ -65,7 +65,7 @@ class IngestMetrics:
         Also exports ``streamer_invalid_events_total`` at 0 for each topic consumed, because
         topic names are known only from the records.
 
-        NOTE: when the first poll of a topic already holds invalid records, its series first
+        NOTE: when the first poll of a topic already contains invalid records, its series first
         appears above 0, so rate() and increase() miss those records.
         """
         for tp, part in batches.items():

@@ -244,9 +244,9 @@ class UpdaterPipeline:
 
         Both run before the features, so a rejected transaction changes no state.
         """
-        # Each partition is judged against its own watermark: partitions are consumed at
-        # different paces (one ran 14 event-time days ahead of another in a fast replay), so a
-        # valid transaction may lag the newest time of the whole stream by more than any limit.
+        # Each partition is judged against its own watermark, because partitions are consumed
+        # at different paces. In a fast replay one ran 14 event-time days ahead of another, so
+        # a valid transaction may lag the newest time of the whole stream by more than any limit.
         # NOTE: the first transaction of a partition sets its watermark, so a corrupt but
         # in-range time there makes later valid ones of that partition look too old.
         times = batch.event_time_ms[order]
@@ -343,9 +343,9 @@ class UpdaterPipeline:
         Partitions of both topics are consumed at different paces: in a fast replay one ran 14
         event-time days ahead of another. Judged by the newest time of the whole stream, a
         deadline would expire transactions whose labels are still unread in a lagging
-        partition. So every partition with records still to read holds the deadline at its
-        newest event time, and one whose time is not known yet (nothing read from it) holds
-        it where it is. A caught-up partition does not hold it: it has nothing more to say.
+        partition. So every partition with records still to read keeps the deadline at its
+        newest event time, and one whose time is not known yet (nothing read from it) keeps
+        it where it is. A caught-up partition does not count, because it has no records left.
         """
         behind = self.partitions_behind
         if behind is None:
@@ -407,7 +407,7 @@ class UpdaterPipeline:
         self._buffer_since = time.monotonic()
 
     def _buffer_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The joined, not yet trained examples: (features, labels, transaction ids)."""
+        """Return the joined, not yet trained examples as (features, labels, transaction ids)."""
         x = np.concatenate(self._buffer_x) if self._buffer_x else np.zeros((0, len(FEATURE_NAMES)), np.float32)
         y = np.concatenate(self._buffer_y) if self._buffer_y else np.zeros(0, np.int8)
         ids = np.concatenate(self._buffer_ids) if self._buffer_ids else np.zeros(0, np.int64)

@@ -3,7 +3,7 @@
 A body is one JSON object of one of two forms:
 
 - ``{"features": [...15 numbers...], "transaction_id": 1042}``: a feature vector in the
-  order of `FEATURE_NAMES`, or an object keyed by feature name; ``transaction_id`` is
+  order of `FEATURE_NAMES`, or an object keyed by feature name. ``transaction_id`` is
   optional and only echoed in the response.
 - ``{"transaction": {...}}``: a transaction event exactly as on the ``transactions`` topic
   (see `streamer.events`), whose features the worker computes from its current state.

@@ -1,4 +1,4 @@
-"""Which snapshot an inference worker serves: the newest valid announcement, unless a version is pinned.
+"""Snapshot choice of an inference worker: the newest valid announcement, unless a version is pinned.
 
 The worker reads ``model-snapshots`` from the beginning and hands each poll's records to
 `SnapshotFollower.follow`. Two kinds of record count for this worker's model:

@@ -157,9 +157,9 @@ class Updater:
             for client in (self._consumer, self._producer):
                 if client is not None:
                     await self._wait_bounded(client.stop(), f"close {type(client).__name__}", deadline)
-        # A batch abandoned at the bound still runs in the pipeline thread: do not wait for it here.
+        # A batch abandoned at the bound still runs in the pipeline thread, so do not wait for it.
         # NOTE: Python joins executor threads at interpreter exit, so a batch that never ends
-        # still delays the process exit; only the stop() coroutine itself is bounded.
+        # still delays the process exit. Only the stop() coroutine itself is bounded.
         self._pipeline_thread.shutdown(wait=not loop_failed)
         if self.pipeline.ledger is not None and not loop_failed:
             self.pipeline.ledger.close()
@@ -210,7 +210,7 @@ class Updater:
             batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_RECORDS_PER_POLL)
             lag = await consumer_lag(self._consumer)
             self.metrics.set_consumer_lag(lag)
-            # Replaced, not changed in place, so the pipeline thread always sees a whole set.
+            # Replaced, not changed in place, so the pipeline thread never reads a half-built set.
             self.pipeline.partitions_behind = {
                 (tp.topic, tp.partition) for tp in self._consumer.assignment() if lag.get(tp, 1) > 0
             }

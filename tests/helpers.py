@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from streamer.features import FEATURE_NAMES, FeatureState
+from streamer.model import FraudMLP, ScoreModule
+from streamer.replay import Transaction
 
 # CI clones the repository into a folder with shared/ beside it, as on developer machines.
 HANDBOOK_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fraud-handbook"
@@ -119,3 +124,30 @@ def _all_panels(panels: list[dict]) -> list[dict]:
         found.append(panel)
         found += _all_panels(panel.get("panels", []))
     return found
+
+
+@dataclass
+class Record:
+    """The fields of an aiokafka ConsumerRecord that the pipeline, the worker state and the decoders read."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+def offline_features(rows: list[Transaction]) -> np.ndarray:
+    """Compute the features of ``rows`` in file order from an empty state, as a worker without a source model does."""
+    return FeatureState().transform_transactions(
+        np.array([r.event_time_ms for r in rows]), np.array([r.customer_id for r in rows]),
+        np.array([r.terminal_id for r in rows]), np.array([r.amount for r in rows]),
+    )
+
+
+def build_model(seed: int, features: np.ndarray) -> ScoreModule:
+    """Build an untrained MLP normalised on real features; different seeds give models that score differently."""
+    torch.manual_seed(seed)
+    model = FraudMLP(len(FEATURE_NAMES))
+    model.set_normalisation(torch.from_numpy(features.mean(axis=0)), torch.from_numpy(features.std(axis=0)))
+    return ScoreModule(model.eval())

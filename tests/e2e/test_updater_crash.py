@@ -2,11 +2,12 @@
 
 Two runs consume the same 4,157 July transactions and their labels, replayed in the same
 six chunks into each run's own topics. The reference run is never interrupted. In the
-other one, a chunk is replayed before each start, and each run is killed: by crash points
-(`streamer.faults`) during a micro-batch, between writing a checkpoint and renaming it,
-between renaming it and pointing LATEST at it, after an ONNX export was built and after
-it was stored but before it was announced, and once from outside at no particular point. It is then left to finish and
-stopped with SIGTERM.
+other one, a chunk is replayed before each start, and each run is killed. Crash points
+(`streamer.faults`) kill it during a micro-batch, between writing a checkpoint and
+renaming it, between renaming it and pointing LATEST at it, after an ONNX export was
+built, and after the export was stored but before it was announced. One more kill comes
+from outside at no particular point. The run is then left to finish and stopped with
+SIGTERM.
 
 Afterwards the training ledger (`streamer.ledger`) of each run must list every replayed
 transaction exactly once, the final feature states must be equal, and the snapshot
@@ -49,8 +50,8 @@ DAY = "2018-07-01T"
 LABEL_DELAY_DAYS = 0.1
 # Each run with a crash point must die there; a run still alive after this many seconds fails.
 CRASH_TIMEOUT_SECONDS = 90
-# (crash point, how many times it is passed before the kill), in the order of the runs; the
-# chunk of the last run is killed from outside.
+# (crash point, how many times it is passed before the kill), in the order of the runs. The
+# run on the last chunk is killed from outside.
 CRASHES = (
     ("microbatch.trained", 10),
     ("checkpoint.written", 2),

@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,19 +32,19 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 import pytest
-import torch
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 import helpers
+from workers import free_port
+from helpers import build_model, offline_features
 from exporters import SnapshotStore, encode_announcement, export_onnx
 from streamer.broker import parent_death_signal
 from streamer.checkpoint import CheckpointData
 from streamer.demo import scrape
-from streamer.features import FEATURE_NAMES, FeatureState
+from streamer.features import FEATURE_NAMES
 from streamer.inference_state import InferenceCheckpoints
 from streamer.kafka import ensure_topics, producer_kwargs
-from streamer.model import FraudMLP, ScoreModule
 from streamer.replay import Transaction, read_transactions
 from streamer.settings import Settings
 
@@ -103,28 +102,6 @@ class CrashRun:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def features_of(rows: list[Transaction]) -> np.ndarray:
-    """Features of the rows in file order from an empty state, as a worker without a source model computes them."""
-    return FeatureState().transform_transactions(
-        np.array([r.event_time_ms for r in rows]), np.array([r.customer_id for r in rows]),
-        np.array([r.terminal_id for r in rows]), np.array([r.amount for r in rows]),
-    )
-
-
-def build_model(seed: int, features: np.ndarray) -> ScoreModule:
-    """An untrained MLP normalised on real features; seeds give models that score differently."""
-    torch.manual_seed(seed)
-    model = FraudMLP(len(FEATURE_NAMES))
-    model.set_normalisation(torch.from_numpy(features.mean(axis=0)), torch.from_numpy(features.std(axis=0)))
-    return ScoreModule(model.eval())
 
 
 def publish(store: SnapshotStore, seed: int, probe: np.ndarray) -> tuple[int, bytes, bytes, bytes]:
@@ -239,7 +216,7 @@ def crash_run(settings_factory, handbook_dir: Path, tmp_path_factory: pytest.Tem
     logs = tmp_path_factory.mktemp("inference-crash-logs")
     july = handbook_dir / "transactions-2018-07.csv.gz"
     rows = [row for _, row in zip(range(REPLAY_TRANSACTIONS), read_transactions([july], start=REPLAY_START))]
-    offline = features_of(rows)
+    offline = offline_features(rows)
     asyncio.run(ensure_topics(settings.kafka_bootstrap, settings.topics, PARTITIONS))
 
     # 1. Snapshots v1 and v2 are on the topic before the first worker starts; v3 is kept back.
@@ -393,7 +370,7 @@ def test_lost_feature_state_would_change_scores(crash_run: CrashRun):
     scored_again = {score["transaction_id"] for score in crash_run.decoded() if score["model_version"] == 3}
     rows = [row for row in crash_run.rows if row.transaction_id in scored_again]
     by_id = {score["transaction_id"]: score["score"] for score in crash_run.decoded() if score["model_version"] == 3}
-    lost = offline_scores(crash_run.onnx_by_version[3], features_of(rows))
+    lost = offline_scores(crash_run.onnx_by_version[3], offline_features(rows))
     served_in_row_order = np.array([by_id[row.transaction_id] for row in rows])
     assert np.max(np.abs(served_in_row_order - lost)) > OFFLINE_SCORE_ATOL
 

@@ -22,19 +22,19 @@ import numpy as np
 import onnxruntime as ort
 import orjson
 import pytest
-import torch
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
 import helpers
+from helpers import build_model, offline_features
 from exporters import Manifest, SnapshotStore, encode_announcement, export_onnx
 from streamer.events import decode_transactions
-from streamer.features import FEATURE_NAMES, FeatureState
+from streamer.features import FEATURE_NAMES
 from streamer.inference import InferenceWorker
 from streamer.kafka import ensure_topics, producer_kwargs
 from streamer.metrics import InferenceMetrics
-from streamer.model import FraudMLP, ScoreModule
+from streamer.model import ScoreModule
 from streamer.replay import Transaction, read_transactions, replay
 from streamer.settings import Settings
 
@@ -121,22 +121,6 @@ def scenario(inference_settings: Settings, july: Path, chunks: list[list[Transac
 
 
 # -- snapshots -----------------------------------------------------------------------------
-
-
-def offline_features(rows: list[Transaction]) -> np.ndarray:
-    """Features of the rows in file order, from a fresh state, as a worker starting empty computes them."""
-    return FeatureState().transform_transactions(
-        np.array([r.event_time_ms for r in rows]), np.array([r.customer_id for r in rows]),
-        np.array([r.terminal_id for r in rows]), np.array([r.amount for r in rows]),
-    )
-
-
-def build_model(seed: int, features: np.ndarray) -> ScoreModule:
-    """An untrained MLP normalised on real features; seeds give models that score differently."""
-    torch.manual_seed(seed)
-    model = FraudMLP(len(FEATURE_NAMES))
-    model.set_normalisation(torch.from_numpy(features.mean(axis=0)), torch.from_numpy(features.std(axis=0)))
-    return ScoreModule(model.eval())
 
 
 def publish_snapshot(store: SnapshotStore, model: ScoreModule, probe: np.ndarray) -> Snapshot:

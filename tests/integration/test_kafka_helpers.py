@@ -138,9 +138,9 @@ def test_consumer_lag_metric_follows_reads(kafka_settings):
     metrics = IngestMetrics(registry)
     labels = {"topic": topic, "partition": "0"}
 
-    async def read_until(consumer, wanted: int, read: int) -> int:
-        while read < wanted:
-            batches = await consumer.getmany(timeout_ms=1000, max_records=wanted - read)
+    async def read_until(consumer, target: int, read: int) -> int:
+        while read < target:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=target - read)
             read += sum(len(records) for records in batches.values())
             metrics.set_consumer_lag(await consumer_lag(consumer))
         return read

@@ -33,7 +33,8 @@ from prometheus_client import CollectorRegistry
 
 import helpers
 from exporters import SnapshotStore, encode_announcement, export_onnx
-from integration.test_inference_worker import build_model, offline_features, produce, wait_for
+from helpers import build_model, offline_features
+from integration.test_inference_worker import produce, wait_for
 from streamer.features import FEATURE_NAMES
 from streamer.inference import InferenceWorker
 from streamer.kafka import ensure_topics

@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry
 
 import helpers
 from exporters import SnapshotStore
-from integration.test_inference_worker import build_model, offline_features, produce, publish_snapshot
+from helpers import build_model, offline_features
+from integration.test_inference_worker import produce, publish_snapshot
 from streamer import cli, snapshots_cli
 from streamer.inference import InferenceWorker
 from streamer.kafka import ensure_topics

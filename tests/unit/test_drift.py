@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from river.drift import ADWIN
 
+import helpers
+from helpers import Record
 from streamer.drift import MAX_LOSS, LossDriftDetector, log_loss
 from streamer.errors import ConfigurationError
 from streamer.evaluation import EvaluationInputError
@@ -23,10 +23,6 @@ from streamer.metrics import UpdaterMetrics
 from streamer.model import load_feature_state, load_model_checkpoint
 from streamer.pipeline import UpdaterPipeline
 from streamer.settings import Settings
-
-# Test folders are not packages, so the shared helper module is imported from its folder.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import helpers  # noqa: E402
 
 DAY_MS = 86_400_000
 START_MS = 1_530_403_200_000  # 2018-07-01T00:00:00Z
@@ -251,15 +247,6 @@ def test_drift_delta_outside_unit_interval_rejected():
 
 
 # --- the updater pipeline on handbook transactions ----------------------------------------------
-
-
-@dataclass
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
 
 
 FLIP_DAY_MS = START_MS + 2 * DAY_MS  # 2018-07-03T00:00:00Z: labels from here on are inverted

@@ -19,6 +19,7 @@ import pytest
 from aiokafka import TopicPartition
 
 import helpers
+from helpers import Record
 from streamer.checkpoint import CheckpointData, CheckpointStore
 from streamer.errors import CheckpointError, ConfigurationError
 from streamer.events import decode_labels, decode_transactions, label_event, transaction_event
@@ -35,17 +36,6 @@ LABEL_DELAY_MS = 2 * 3_600_000
 BATCH_RECORDS = 500
 CHECKPOINT_AFTER_BATCHES = 12  # of 24 batches
 FRAUD_RATE_COLUMNS = ("terminal_fraud_rate_1d", "terminal_fraud_rate_7d", "terminal_fraud_rate_30d")
-
-
-@dataclass(frozen=True)
-class Record:
-    """The fields of an aiokafka ConsumerRecord that the state and the decoders read."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
 
 
 def make_stream() -> list[Record]:

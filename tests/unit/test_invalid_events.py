@@ -6,7 +6,6 @@ ids, repeated labels, and labels whose transaction never comes (orphans).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import orjson
 import pytest
 import torch
 
+from helpers import Record
 from streamer.errors import ConfigurationError
 from streamer.events import label_event, transaction_event
 from streamer.features import FEATURE_NAMES
@@ -24,15 +24,6 @@ from streamer.settings import Settings
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 START_MS = 1_530_403_200_000  # 2018-07-01T00:00:00Z
-
-
-@dataclass
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
 
 
 class Feed:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import orjson
 import pytest
 import torch
 
+from helpers import Record
 from streamer.checkpoint import CheckpointStore
 from streamer.events import label_event, transaction_event
 from streamer.features import FEATURE_NAMES
@@ -19,15 +19,6 @@ from streamer.settings import Settings
 
 DAY_MS = 86_400_000
 START_MS = 1_530_403_200_000  # 2018-07-01T00:00:00Z
-
-
-@dataclass
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
